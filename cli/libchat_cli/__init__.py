@@ -1,0 +1,206 @@
+"""The ``chat`` command: a thin Click layer over the libchat library.
+
+Library errors become one-line ``click.ClickException`` messages, never
+tracebacks. Installed plugins add their own commands through the
+``libchat_register_commands`` hook.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import functools
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+import click
+
+import libchat
+from libchat import ChatError, Limits, Server
+from libchat.plugins import installed_plugins, make_plugin_manager
+
+F = TypeVar("F", bound=Callable[..., Any])
+log = logging.getLogger("libchat.cli")
+DEFAULT_LIMITS = Limits()
+
+
+def address_options(func: F) -> F:
+    """--host and --port, shared by every command that talks to a server."""
+    func = click.option("--port", "-p", type=click.IntRange(0, 65535),
+                        default=libchat.DEFAULT_PORT, show_default=True,
+                        envvar="CHAT_PORT", help="Server port.")(func)  # fmt: skip
+    func = click.option("--host", "-h", default=libchat.DEFAULT_HOST, show_default=True,
+                        envvar="CHAT_HOST", help="Server address.")(func)  # fmt: skip
+    return func
+
+
+def user_option(func: F) -> F:
+    return click.option("--user", "-u", envvar="CHAT_USER", required=True,
+                        help="Your user name (or set CHAT_USER).")(func)  # fmt: skip
+
+
+def run_async(coro: Coroutine[Any, Any, int | None]) -> int:
+    """Run ``coro``; turn library errors into clean one-line CLI errors."""
+    try:
+        return asyncio.run(coro, debug=os.environ.get("PYTHONASYNCIODEBUG") == "1") or 0
+    except ChatError as exc:
+        raise click.ClickException(exc.message) from None
+    except KeyboardInterrupt:
+        return 130
+
+
+@click.group(context_settings={"help_option_names": ["--help"]})
+@click.version_option(libchat.__version__, prog_name="libchat")
+def cli() -> None:
+    """libchat: a chat server and terminal client."""
+
+
+# -- chat serve ---------------------------------------------------------------------
+
+
+@cli.command()
+@address_options
+@click.option("--plugins", "plugin_names", default="", metavar="A,B",
+              help="Plugins to run, by name (see `chat plugins`).")
+@click.option("--db", type=click.Path(dir_okay=False), default=None,
+              help="SQLite file for plugins that store data (auth, dm).")
+@click.option("--rate-limit", type=click.FloatRange(0), default=DEFAULT_LIMITS.rate, show_default=True,
+              help="Messages per second per connection; floods are delayed. 0: off.")
+@click.option("--rate-burst", type=click.IntRange(1), default=DEFAULT_LIMITS.rate_burst,
+              show_default=True, help="Messages allowed in a burst above the rate.")
+@click.option("--max-connections", type=click.IntRange(0), default=DEFAULT_LIMITS.max_connections,
+              show_default=True, help="Connections in all. 0: no limit.")
+@click.option("--max-per-address", type=click.IntRange(0),
+              default=DEFAULT_LIMITS.max_connections_per_address, show_default=True,
+              help="Connections from one IP address. 0: no limit.")
+@click.option("--max-message", type=click.IntRange(1, 65000),
+              default=DEFAULT_LIMITS.max_message_bytes, show_default=True,
+              help="Longest message text, in UTF-8 bytes.")
+@click.option("--ping-interval", type=click.FloatRange(0), default=DEFAULT_LIMITS.ping_interval,
+              show_default=True, help="Seconds of silence before a client is pinged. 0: off.")
+@click.option("--ping-timeout", type=click.FloatRange(0.1), default=DEFAULT_LIMITS.ping_timeout,
+              show_default=True, help="Seconds a pinged client has to answer.")
+@click.option("--handshake-timeout", type=click.FloatRange(0.1),
+              default=DEFAULT_LIMITS.handshake_timeout, show_default=True,
+              help="Seconds a new connection has to say hello.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+              default="info", show_default=True)
+def serve(host: str, port: int, plugin_names: str, db: str | None, rate_limit: float,
+          rate_burst: int, max_connections: int, max_per_address: int, max_message: int,
+          ping_interval: float, ping_timeout: float, handshake_timeout: float,
+          log_level: str) -> None:  # fmt: skip
+    """Run a chat server (Ctrl-C or SIGTERM stops it cleanly)."""
+    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    limits = Limits(rate=rate_limit, rate_burst=rate_burst, max_connections=max_connections,
+                    max_connections_per_address=max_per_address,
+                    max_message_bytes=max_message, ping_interval=ping_interval,
+                    ping_timeout=ping_timeout, handshake_timeout=handshake_timeout)  # fmt: skip
+    names = [n.strip() for n in plugin_names.split(",") if n.strip()]
+    config: dict[str, Any] = {"db": db}
+    sys.exit(run_async(_serve(host, port, names, limits, config)))
+
+
+async def _serve(host: str, port: int, plugins: list[str], limits: Limits,
+                 config: dict[str, Any]) -> int:  # fmt: skip
+    server = Server(host, port, plugins=plugins, limits=limits, config=config)
+    try:
+        await server.start()
+    except OSError as exc:
+        what = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+        raise ChatError(f"cannot listen on {host}:{port}: {what or exc}") from None
+    loop = asyncio.get_running_loop()
+    stopping: list[str] = []
+
+    def stop(signame: str) -> None:
+        if not stopping:
+            stopping.append(signame)
+            log.info("received %s", signame)
+            loop.create_task(server.close())
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, functools.partial(stop, sig.name))
+    await server.serve_forever()
+    return 0
+
+
+# -- chat join ----------------------------------------------------------------------
+
+
+@cli.command()
+@address_options
+@user_option
+@click.option("--room", "-r", default=libchat.DEFAULT_ROOM, show_default=True,
+              help="Room to join first.")
+@click.option("--json", "json_mode", is_flag=True,
+              help="Print one JSON object per event (for scripts).")
+def join(host: str, port: int, user: str, room: str, json_mode: bool) -> None:
+    """Join the chat. Interactive in a terminal; otherwise each stdin line
+    is sent and each event printed as one line."""
+    interactive = sys.stdin.isatty() and sys.stdout.isatty() and not json_mode
+    sys.exit(run_async(_join(host, port, user, room, json_mode, interactive)))
+
+
+async def _join(host: str, port: int, user: str, room: str, json_mode: bool,
+                interactive: bool) -> int:  # fmt: skip
+    from .terminal import Terminal
+
+    client = await libchat.open_client(host, port, user=user, room=room,
+                                       plugins=_client_plugins())  # fmt: skip
+    terminal = Terminal(client, json_mode=json_mode)
+    try:
+        if interactive:
+            return await terminal.run_interactive()
+        return await terminal.run_pipe()
+    finally:
+        await client.close()
+
+
+def _client_plugins() -> list[Any]:
+    """Every installed plugin that loads: their client-side hooks apply."""
+    loaded = []
+    for name, entry_point in sorted(installed_plugins().items()):
+        try:
+            loaded.append(entry_point.load())
+        except Exception as exc:
+            click.echo(f"warning: plugin {name!r} failed to load: {exc}", err=True)
+    return loaded
+
+
+# -- chat plugins -------------------------------------------------------------------
+
+
+@cli.command("plugins")
+def list_plugins() -> None:
+    """List the installed plugins."""
+    found = installed_plugins()
+    if not found:
+        click.echo("no plugins installed")
+    for name, entry_point in sorted(found.items()):
+        try:
+            doc = (entry_point.load().__doc__ or "").strip().splitlines()
+            summary = doc[0] if doc else ""
+        except Exception as exc:
+            summary = f"(fails to load: {exc})"
+        click.echo(f"{name:<12} {entry_point.value:<24} {summary}")
+
+
+# -- plugin commands ----------------------------------------------------------------
+
+
+def build_cli() -> click.Group:
+    """The ``chat`` group with every installed plugin's commands added."""
+    pm = make_plugin_manager()
+    for plugin in _client_plugins():
+        if not pm.is_registered(plugin):
+            pm.register(plugin)
+    pm.hook.libchat_register_commands(cli=cli)
+    return cli
+
+
+def main() -> None:
+    build_cli()(prog_name="chat")

@@ -1,0 +1,343 @@
+"""The client API: what programs, bots and the ``chat`` command use.
+
+::
+
+    async with libchat.connect("127.0.0.1", 12345, user="bot") as chat:
+        await chat.send("hello")
+        async for event in chat:
+            if isinstance(event, libchat.Message):
+                print(event.room, event.sender, event.text)
+
+Events arrive in the order the server sent them. Replies to requests
+(``join``, ``who``...) are matched by ``id`` and never show up as events.
+Events are buffered until read: a program that never reads them should pass
+``receive_events=False``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import ssl as ssl_module
+from collections.abc import AsyncIterator, Generator, Iterable
+from types import TracebackType
+from typing import Any
+
+from . import __version__
+from .connection import Connection
+from .errors import ConnectionClosed, HandshakeError, ProtocolError, RemoteError, Timeout
+from .events import Event, event_from_frame
+from .plugins import PluginSpec, call_async, make_plugin_manager
+from .protocol import DEFAULT_ROOM, PROTOCOL_VERSION, check_room, fold
+from .server import DEFAULT_HOST, DEFAULT_PORT
+
+_CLOSED = object()
+
+
+class Client:
+    """A connected, logged-in client. Make one with :func:`connect`."""
+
+    def __init__(
+        self,
+        conn: Connection,
+        *,
+        user: str,
+        room: str,
+        plugins: Iterable[PluginSpec] = (),
+        receive_events: bool = True,
+        request_timeout: float = 30.0,
+    ) -> None:
+        self.conn = conn
+        self.requested_user = user
+        self.user = user
+        self.room: str | None = room
+        self.rooms: dict[str, str] = {}
+        self.welcome: dict[str, Any] = {}
+        self.pm = make_plugin_manager(plugins)
+        self.receive_events = receive_events
+        self.request_timeout = request_timeout
+        self.close_reason = ""
+        self._ids = itertools.count(1)
+        self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._events: asyncio.Queue[Event | object] = asyncio.Queue()
+        self._reader: asyncio.Task[None] | None = None
+
+    # -- opening ----------------------------------------------------------------------
+
+    async def _handshake(self, extra: dict[str, Any], timeout: float) -> None:
+        hello: dict[str, Any] = {
+            "type": "hello",
+            "version": PROTOCOL_VERSION,
+            "client": f"libchat/{__version__}",
+            "user": self.requested_user,
+            "room": self.room,
+            **extra,
+        }
+        await call_async(self.pm.hook.libchat_client_hello, client=self, hello=hello)
+        self.conn.send(hello)
+        try:
+            frame = await asyncio.wait_for(self.conn.recv(), timeout)
+        except TimeoutError:
+            raise Timeout("the server did not answer the hello in time") from None
+        if frame.type == "error":
+            raise RemoteError(str(frame.header.get("code")), str(frame.header.get("message")))
+        if frame.type != "welcome":
+            raise HandshakeError(f"expected 'welcome', got {frame.type!r}")
+        self.welcome = frame.header
+        self.user = str(frame.header.get("user", self.user))
+        self._reader = asyncio.create_task(self._read_loop(), name="libchat-client-reader")
+
+    # -- reading ----------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        conn = self.conn
+        try:
+            while True:
+                frame = await conn.recv()
+                header = frame.header
+                kind = frame.type
+                request_id = header.get("id")
+                if kind in ("ok", "error", "pong") and request_id in self._pending:
+                    future = self._pending.pop(request_id)
+                    if not future.done():
+                        future.set_result(header)
+                    continue
+                if kind == "ping":
+                    conn.send({"type": "pong"})
+                    continue
+                if kind == "bye":
+                    self.close_reason = str(header.get("reason", ""))
+                event = event_from_frame(frame)
+                self._track(event)
+                if self.receive_events:
+                    self._events.put_nowait(event)
+        except ConnectionClosed as exc:
+            self.close_reason = self.close_reason or exc.message
+        except ProtocolError as exc:
+            self.close_reason = f"protocol error: {exc.message}"
+        finally:
+            for future in self._pending.values():
+                if not future.done():
+                    future.set_exception(ConnectionClosed(self.close_reason or "connection closed"))
+            self._pending.clear()
+            self._events.put_nowait(_CLOSED)
+            await conn.close()
+
+    def _track(self, event: Event) -> None:
+        """Keep ``rooms`` and ``room`` true as presence events arrive."""
+        header = event.header
+        if event.type != "presence" or fold(str(header.get("user"))) != fold(self.user):
+            return
+        room = str(header.get("room"))
+        if header.get("event") == "joined":
+            self.rooms[fold(room)] = room
+            self.room = room
+        elif header.get("event") == "left":
+            self.rooms.pop(fold(room), None)
+            if self.room is not None and fold(self.room) == fold(room):
+                self.room = next(reversed(self.rooms.values()), None)
+
+    async def next_event(self, timeout: float | None = None) -> Event:
+        """The next event; ConnectionClosed once the connection is over."""
+        try:
+            item = await asyncio.wait_for(self._events.get(), timeout)
+        except TimeoutError:
+            raise Timeout("no event in time") from None
+        if item is _CLOSED:
+            self._events.put_nowait(_CLOSED)
+            raise ConnectionClosed(self.close_reason or "connection closed")
+        assert isinstance(item, Event)
+        return item
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Event]:
+        while True:
+            try:
+                yield await self.next_event()
+            except ConnectionClosed:
+                return
+
+    # -- requests ---------------------------------------------------------------------
+
+    async def request(self, header: dict[str, Any], body: bytes = b"") -> dict[str, Any]:
+        """Send a frame with a fresh ``id`` and wait for its reply; an error
+        reply raises RemoteError with the server's code."""
+        if self.conn.closed or (self._reader is not None and self._reader.done()):
+            raise ConnectionClosed(self.close_reason or "connection closed")
+        request_id = str(next(self._ids))
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        self.conn.send({**header, "id": request_id}, body)
+        try:
+            reply = await asyncio.wait_for(future, self.request_timeout)
+        except TimeoutError:
+            raise Timeout(f"no reply to {header.get('type')!r} in time") from None
+        finally:
+            self._pending.pop(request_id, None)
+        if reply.get("type") == "error":
+            details = {k: v for k, v in reply.items() if k not in ("type", "id", "code", "message")}
+            raise RemoteError(str(reply.get("code")), str(reply.get("message")), **details)
+        return reply
+
+    async def send_frame(self, header: dict[str, Any], body: bytes = b"") -> None:
+        """Send one frame without waiting for a reply (but with backpressure)."""
+        if self.conn.closed:
+            raise ConnectionClosed(self.close_reason or "connection closed")
+        self.conn.send(header, body)
+        await self.conn.drain()
+
+    def _room(self, room: str | None) -> str:
+        room = room or self.room
+        if room is None:
+            raise ValueError("you are in no room; join one first")
+        return room
+
+    async def send(
+        self, text: str, room: str | None = None, *, action: bool = False, wait: bool = False
+    ) -> str | None:
+        """Say ``text`` in ``room`` (default: the current room). With
+        ``wait`` the server's acknowledgement is awaited and the message id
+        returned; without it, errors arrive later as ErrorEvent."""
+        header: dict[str, Any] = {"type": "msg", "room": self._room(room), "text": text}
+        if action:
+            header["action"] = True
+        if wait:
+            return str((await self.request(header))["mid"])
+        await self.send_frame(header)
+        return None
+
+    async def private(self, user: str, text: str) -> str:
+        """Send ``text`` to ``user`` alone (needs the ``dm`` plugin on the
+        server); return the message id."""
+        reply = await self.request({"type": "dm", "to": user, "text": text})
+        return str(reply.get("mid", ""))
+
+    async def join(self, room: str) -> list[str]:
+        """Join ``room`` (it becomes the current room); return its members."""
+        reply = await self.request({"type": "join", "room": check_room(room)})
+        shown = str(reply.get("room", room))
+        self.rooms[fold(shown)] = shown
+        self.room = shown
+        return list(reply.get("members", []))
+
+    async def part(self, room: str | None = None) -> None:
+        await self.request({"type": "part", "room": self._room(room)})
+
+    async def who(self, room: str | None = None) -> list[str]:
+        reply = await self.request({"type": "who", "room": self._room(room)})
+        return list(reply.get("members", []))
+
+    async def list_rooms(self) -> list[tuple[str, int]]:
+        reply = await self.request({"type": "rooms"})
+        return [(str(r["room"]), int(r["members"])) for r in reply.get("rooms", [])]
+
+    async def command(self, name: str, args: str = "", room: str | None = None) -> dict[str, Any]:
+        """Run a server (plugin) slash command; return its reply."""
+        header: dict[str, Any] = {"type": "command", "command": name, "args": args}
+        if room or self.room:
+            header["room"] = room or self.room
+        return await self.request(header)
+
+    async def ping(self) -> float:
+        """Round trip time to the server, in seconds."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await self.request({"type": "ping"})
+        return loop.time() - start
+
+    # -- closing ----------------------------------------------------------------------
+
+    async def quit(self, reason: str = "quit", *, timeout: float = 5.0) -> None:
+        """Leave cleanly: everything sent before is delivered first."""
+        if not self.conn.closed:
+            with contextlib.suppress(ConnectionClosed):
+                self.conn.send({"type": "quit", "reason": reason})
+                await self.conn.drain()
+        await self.wait_closed(timeout)
+
+    async def wait_closed(self, timeout: float | None = None) -> None:
+        if self._reader is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._reader), timeout)
+            except TimeoutError:
+                self._reader.cancel()
+        await self.conn.close()
+
+    async def close(self) -> None:
+        """Close at once, without a goodbye."""
+        await self.conn.close()
+        if self._reader is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+
+    @property
+    def closed(self) -> bool:
+        return self.conn.closed
+
+
+async def open_client(
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    *,
+    user: str,
+    room: str = DEFAULT_ROOM,
+    ssl: ssl_module.SSLContext | None = None,
+    server_hostname: str | None = None,
+    hello: dict[str, Any] | None = None,
+    plugins: Iterable[PluginSpec] = (),
+    receive_events: bool = True,
+    timeout: float = 10.0,
+    max_frame_size: int | None = 16 << 20,
+) -> Client:
+    """Connect, say hello, and return a logged-in :class:`Client`."""
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, ssl=ssl, server_hostname=server_hostname,
+                                    limit=(max_frame_size or 1 << 20) + 16),
+            timeout,
+        )  # fmt: skip
+    except TimeoutError:
+        raise Timeout(f"could not connect to {host}:{port} in {timeout:g} s") from None
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ConnectionClosed(f"cannot connect to {host}:{port}: {reason}") from None
+    conn = Connection(reader, writer, max_frame_size=max_frame_size)
+    client = Client(conn, user=user, room=room, plugins=plugins, receive_events=receive_events)
+    try:
+        await client._handshake(dict(hello or {}), timeout)
+    except BaseException:
+        await conn.close()
+        raise
+    return client
+
+
+class connect:  # noqa: N801 - used like a function, as in websockets
+    """``await connect(...)`` or ``async with connect(...) as client``; the
+    context manager quits cleanly on exit. Arguments as :func:`open_client`."""
+
+    def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, **kwargs: Any) -> None:
+        self._args = (host, port)
+        self._kwargs = kwargs
+        self._client: Client | None = None
+
+    def __await__(self) -> Generator[Any, None, Client]:
+        return open_client(*self._args, **self._kwargs).__await__()
+
+    async def __aenter__(self) -> Client:
+        self._client = await self
+        return self._client
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._client is not None:
+            if exc_type is None:
+                await self._client.quit()
+            else:
+                await self._client.close()

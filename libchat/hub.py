@@ -1,0 +1,152 @@
+"""The Hub: who is online, which rooms exist, and delivery to them.
+
+This is the seam for scale-out. Sessions and plugins reach other users only
+through the :class:`Hub` interface, never through each other, so a
+distributed implementation (several servers sharing rooms through Redis)
+can replace :class:`LocalHub` without touching them. Calls that a
+distributed hub must make over the network are ``async``; ``publish`` is a
+fire-and-forget send and stays synchronous on the hot path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Protocol
+
+from .errors import NameInUse
+from .protocol import fold
+
+
+class Member(Protocol):
+    """What the hub needs of a session."""
+
+    name: str
+
+    def deliver(self, data: bytes) -> None:
+        """Queue encoded frame bytes for this member (never blocks)."""
+
+
+class Hub(Protocol):
+    async def attach(self, member: Member, *, shared: bool = False) -> None:
+        """Claim ``member.name``; raise NameInUse if another holds it. With
+        ``shared`` (an authenticated account) one user may hold several
+        connections, all of which attached with ``shared``."""
+
+    async def detach(self, member: Member) -> list[str]:
+        """Release the name and leave every room; return those rooms."""
+
+    async def join(self, room: str, member: Member) -> str | None:
+        """Add ``member`` to ``room`` (created on first join). Return the
+        room's display name, or ``None`` if ``member`` was already in it."""
+
+    async def part(self, room: str, member: Member) -> str | None:
+        """Remove ``member``; return the room's name, ``None`` if not in it."""
+
+    def publish(self, room: str, data: bytes, exclude: Member | None = None) -> int:
+        """Deliver ``data`` to every member of ``room`` but ``exclude``;
+        return how many local members it was queued for."""
+
+    async def send_to_user(self, name: str, data: bytes) -> int:
+        """Deliver ``data`` to every connection of user ``name``; return how
+        many received it (0: offline)."""
+
+    async def members(self, room: str) -> list[str] | None:
+        """Names in ``room``, sorted; ``None`` if there is no such room."""
+
+    async def rooms(self) -> list[tuple[str, int]]:
+        """Every room with its member count, sorted by name."""
+
+    async def online(self, name: str) -> str | None:
+        """The name as its holder spells it, or ``None`` if offline."""
+
+
+class LocalHub:
+    """The in-memory hub of one server process."""
+
+    def __init__(self) -> None:
+        #: folded name -> the connections holding it, and whether shared
+        self._users: dict[str, tuple[list[Member], bool]] = {}
+        #: folded room name -> (display name, members in join order)
+        self._rooms: dict[str, tuple[str, dict[Member, None]]] = {}
+
+    async def attach(self, member: Member, *, shared: bool = False) -> None:
+        key = fold(member.name)
+        entry = self._users.get(key)
+        if entry is None:
+            self._users[key] = ([member], shared)
+        elif shared and entry[1]:
+            if member not in entry[0]:
+                entry[0].append(member)
+        else:
+            raise NameInUse(f"the name {entry[0][0].name!r} is in use")
+
+    async def detach(self, member: Member) -> list[str]:
+        left = [name for name, members in self._rooms.values() if member in members]
+        for room in left:
+            self._remove(room, member)
+        key = fold(member.name)
+        entry = self._users.get(key)
+        if entry is not None and member in entry[0]:
+            entry[0].remove(member)
+            if not entry[0]:
+                del self._users[key]
+        return left
+
+    async def join(self, room: str, member: Member) -> str | None:
+        key = fold(room)
+        entry = self._rooms.get(key)
+        if entry is None:
+            entry = self._rooms[key] = (room, {})
+        if member in entry[1]:
+            return None
+        entry[1][member] = None
+        return entry[0]
+
+    async def part(self, room: str, member: Member) -> str | None:
+        return self._remove(room, member)
+
+    def _remove(self, room: str, member: Member) -> str | None:
+        key = fold(room)
+        entry = self._rooms.get(key)
+        if entry is None or member not in entry[1]:
+            return None
+        del entry[1][member]
+        if not entry[1]:
+            del self._rooms[key]
+        return entry[0]
+
+    def publish(self, room: str, data: bytes, exclude: Member | None = None) -> int:
+        entry = self._rooms.get(fold(room))
+        if entry is None:
+            return 0
+        count = 0
+        for member in entry[1]:
+            if member is not exclude:
+                member.deliver(data)
+                count += 1
+        return count
+
+    async def send_to_user(self, name: str, data: bytes) -> int:
+        entry = self._users.get(fold(name))
+        if entry is None:
+            return 0
+        for member in entry[0]:
+            member.deliver(data)
+        return len(entry[0])
+
+    async def members(self, room: str) -> list[str] | None:
+        entry = self._rooms.get(fold(room))
+        if entry is None:
+            return None
+        return sorted({m.name for m in entry[1]}, key=fold)
+
+    async def rooms(self) -> list[tuple[str, int]]:
+        counts = ((name, len({fold(m.name) for m in members})) for name, members in self._rooms.values())
+        return sorted(counts, key=lambda r: fold(r[0]))
+
+    async def online(self, name: str) -> str | None:
+        entry = self._users.get(fold(name))
+        return None if entry is None else entry[0][0].name
+
+    def local_members(self) -> Iterable[Member]:
+        return [m for members, _ in self._users.values() for m in members]

@@ -1,0 +1,284 @@
+"""The chat server: listen, accept, keep sessions alive, shut down cleanly.
+
+::
+
+    async with Server("127.0.0.1", 0, plugins=["dm"]) as server:
+        print(server.port)
+        await server.serve_forever()
+
+Lifecycle, in a fixed order: ``start()`` runs the startup hooks, collects
+plugin commands and frame types (registration is frozen from then on) and
+starts listening. ``close()`` stops accepting, tells every client, closes
+their connections, waits for their sessions to end, then runs the shutdown
+hooks. ``close()`` is idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import ssl as ssl_module
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from . import __version__
+from .commands import Command, FrameHandler
+from .connection import Connection
+from .errors import ChatError, TooManyConnections
+from .hub import Hub, LocalHub
+from .limits import Limits
+from .plugins import PluginSpec, call_async, call_each, make_plugin_manager, plugin_names
+from .protocol import NICK_RULE, PROTOCOL_VERSION, ROOM_RULE, encode_frame
+from .session import Session, State
+
+log = logging.getLogger("libchat.server")
+
+#: Commands every client handles (or maps to core frames) without plugins.
+CORE_COMMANDS = ("join", "part", "who", "rooms", "me", "help", "quit")
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 12345
+
+
+class Server:
+    """A libchat server. All limits are keyword-only with safe defaults."""
+
+    def __init__(
+        self,
+        host: str = DEFAULT_HOST,
+        port: int = DEFAULT_PORT,
+        *,
+        plugins: Iterable[PluginSpec] = (),
+        limits: Limits | None = None,
+        ssl: ssl_module.SSLContext | None = None,
+        hub: Hub | None = None,
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        self.host = host
+        self.requested_port = port
+        self.limits = limits or Limits()
+        self.ssl = ssl
+        self.hub: Hub = hub or LocalHub()
+        #: settings for plugins (``db``, ``allow_register``...), from the CLI
+        self.config: dict[str, Any] = dict(config or {})
+        self.pm = make_plugin_manager(plugins)
+        self.handlers: dict[str, FrameHandler] = {}
+        self.commands: dict[str, Command] = {}
+        self.extra_limits: dict[str, Any] = {}
+        self.has_message_hooks = False
+        self.sessions: set[Session] = set()
+        self._per_address: dict[str, int] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._server: asyncio.Server | None = None
+        self._keepalive: asyncio.Task[None] | None = None
+        self._closing: asyncio.Future[None] | None = None
+        self._mids = itertools.count(1)
+        self._epoch = os.urandom(4).hex()
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Run startup hooks, freeze registration, start listening."""
+        if self._server is not None:
+            return
+        await call_async(self.pm.hook.libchat_startup, server=self)
+        self._collect_extensions()
+        self._server = await asyncio.start_server(
+            self._accept,
+            self.host,
+            self.requested_port,
+            ssl=self.ssl,
+            ssl_handshake_timeout=self.limits.handshake_timeout if self.ssl else None,
+            limit=self.limits.max_frame_size + 16,
+        )
+        self._keepalive = asyncio.create_task(self._keepalive_loop(), name="libchat-keepalive")
+        log.info("listening on %s", ", ".join(self.addresses))
+
+    def _collect_extensions(self) -> None:
+        core: dict[str, FrameHandler] = {
+            kind: getattr(Session, "on_" + kind)
+            for kind in ("msg", "join", "part", "who", "rooms", "command", "ping", "pong",
+                         "quit", "hello")
+        }  # fmt: skip
+        self.handlers = dict(core)
+        for extra in self.pm.hook.libchat_frame_handlers(server=self):
+            for kind, handler in extra.items():
+                if kind in self.handlers:
+                    raise ValueError(f"frame type {kind!r} is registered twice")
+                self.handlers[kind] = handler
+        for commands in self.pm.hook.libchat_commands(server=self):
+            for command in commands:
+                name = command.name.lower()
+                if name in self.commands or name in CORE_COMMANDS:
+                    raise ValueError(f"command /{name} is registered twice")
+                self.commands[name] = command
+        for extra_limits in self.pm.hook.libchat_limits(server=self):
+            self.extra_limits.update(extra_limits)
+        # Skip the message hook entirely when no plugin implements it: the hot
+        # path then costs nothing for plugins that are not there.
+        self.has_message_hooks = bool(self.pm.hook.libchat_message.get_hookimpls())
+
+    async def serve_forever(self) -> None:
+        """Serve until :meth:`close` is called (or the task is cancelled)."""
+        await self.start()
+        assert self._closing is None or not self._closing.done()
+        if self._closing is None:
+            self._closing = asyncio.get_running_loop().create_future()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(self._closing)
+
+    async def close(self, reason: str = "server shutting down", *, timeout: float = 5.0) -> None:
+        """Stop accepting, tell clients, close them, run shutdown hooks."""
+        if self._server is None:
+            return
+        if self._closing is None:
+            self._closing = asyncio.get_running_loop().create_future()
+        elif self._closing.done():
+            return
+        server, self._server = self._server, None
+        server.close()
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+        log.info("shutting down: %s", reason)
+        await asyncio.gather(*(s.close(reason) for s in list(self.sessions)),
+                             return_exceptions=True)  # fmt: skip
+        if self._tasks:
+            _done, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+            for task in pending:
+                task.cancel()
+        await call_each(self.pm.hook.libchat_shutdown, server=self)
+        self._closing.set_result(None)
+
+    async def __aenter__(self) -> Server:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- addresses --------------------------------------------------------------------
+
+    @property
+    def sockets(self) -> list[Any]:
+        return list(self._server.sockets) if self._server is not None else []
+
+    @property
+    def port(self) -> int:
+        """The port listened on (useful with port 0)."""
+        for sock in self.sockets:
+            return int(sock.getsockname()[1])
+        raise RuntimeError("the server is not listening")
+
+    @property
+    def addresses(self) -> list[str]:
+        out = []
+        for sock in self.sockets:
+            host, port = sock.getsockname()[:2]
+            out.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        return out
+
+    # -- accepting --------------------------------------------------------------------
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        limits = self.limits
+        conn = Connection(reader, writer, max_frame_size=limits.max_frame_size,
+                          max_send_queue=limits.max_send_queue)  # fmt: skip
+        try:
+            self._admit(conn.address)
+        except ChatError as exc:
+            log.warning("refused %s: %s", conn.peer, exc.message)
+            conn.send(exc.to_header())
+            await conn.close(exc.message)
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        session = Session(self, conn)
+        self.sessions.add(session)
+        try:
+            await session.run()
+        finally:
+            self._tasks.discard(task)
+            count = self._per_address[conn.address] - 1
+            if count:
+                self._per_address[conn.address] = count
+            else:
+                del self._per_address[conn.address]
+
+    def _admit(self, address: str) -> None:
+        limits = self.limits
+        if self._closing is not None and self._closing.done():
+            raise TooManyConnections("server shutting down")
+        if limits.max_connections and len(self.sessions) >= limits.max_connections:
+            raise TooManyConnections(f"server full ({limits.max_connections} connections)")
+        count = self._per_address.get(address, 0)
+        per_address = limits.max_connections_per_address
+        if per_address and count >= per_address:
+            raise TooManyConnections(f"too many connections from {address} (limit {per_address})")
+        self._per_address[address] = count + 1
+
+    def forget(self, session: Session) -> None:
+        self.sessions.discard(session)
+
+    # -- keepalive --------------------------------------------------------------------
+
+    async def _keepalive_loop(self) -> None:
+        """One timer for all sessions: ping the silent, drop the dead."""
+        interval, timeout = self.limits.ping_interval, self.limits.ping_timeout
+        if interval <= 0:
+            return
+        tick = min(max(min(interval, timeout) / 4, 0.05), 5.0)
+        loop = asyncio.get_running_loop()
+        ping = encode_frame({"type": "ping"})
+        while True:
+            await asyncio.sleep(tick)
+            now = loop.time()
+            for session in list(self.sessions):
+                if session.state is not State.OPEN:
+                    continue
+                conn = session.conn
+                if session.ping_sent is not None:
+                    if conn.last_received >= session.ping_sent:
+                        session.ping_sent = None
+                    elif now - session.ping_sent >= timeout:
+                        log.info("%r: ping timeout", session)
+                        conn.abort("ping timeout")
+                    continue
+                if now - conn.last_received >= interval:
+                    session.ping_sent = now
+                    conn.send_bytes(ping)
+
+    # -- helpers for sessions and plugins -----------------------------------------------
+
+    def next_mid(self) -> str:
+        """A message id unique on this server."""
+        return f"{self._epoch}-{next(self._mids)}"
+
+    def command_names(self) -> list[str]:
+        return sorted({*CORE_COMMANDS, *self.commands})
+
+    def welcome(self, session: Session) -> dict[str, Any]:
+        return {
+            "type": "welcome",
+            "version": PROTOCOL_VERSION,
+            "server": f"libchat/{__version__}",
+            "user": session.name,
+            "plugins": plugin_names(self.pm),
+            "commands": [
+                {"name": c.name, "usage": c.usage, "help": c.help}
+                for c in sorted(self.commands.values(), key=lambda c: c.name)
+            ],
+            "limits": {
+                **self.limits.as_dict(),
+                "nick": NICK_RULE,
+                "room": ROOM_RULE,
+                **self.extra_limits,
+            },
+        }
+
+    def find_sessions(self, predicate: Callable[[Session], bool]) -> list[Session]:
+        """This process's sessions that match ``predicate``."""
+        return [s for s in self.sessions if predicate(s)]

@@ -1,0 +1,323 @@
+"""One client's session on the server: handshake, then frames until it ends.
+
+A session owns its connection and nothing else; everything that reaches
+other users goes through the server's Hub.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import inspect
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from .errors import (
+    BadRequest,
+    ChatError,
+    ConnectionClosed,
+    HandshakeError,
+    InternalError,
+    NotFound,
+    ProtocolError,
+    Timeout,
+    UnknownCommand,
+)
+from .plugins import call_async, call_each, call_firstresult
+from .protocol import (
+    DEFAULT_ROOM,
+    PROTOCOL_VERSION,
+    Frame,
+    check_nick,
+    check_room,
+    check_text,
+    encode_frame,
+    fold,
+)
+
+if TYPE_CHECKING:
+    from .connection import Connection
+    from .server import Server
+
+log = logging.getLogger("libchat.server")
+
+
+class State(enum.Enum):
+    HANDSHAKE = "handshake"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class _Quit(Exception):
+    """The client asked to leave."""
+
+
+class TokenBucket:
+    """``rate`` events a second with bursts of ``burst``. :meth:`take`
+    returns how long the caller must wait first (fakelag: a flood is slowed
+    down, never dropped)."""
+
+    __slots__ = ("_last", "burst", "rate", "tokens")
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = float(max(burst, 1))
+        self.tokens = self.burst
+        self._last = time.monotonic()
+
+    def take(self) -> float:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self._last) * self.rate) - 1.0
+        self._last = now
+        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
+
+
+#: Frame types that count against the message rate.
+RATE_LIMITED = frozenset({"msg", "dm", "join", "part", "who", "rooms", "command"})
+
+
+class Session:
+    """A connected client, from hello to goodbye."""
+
+    def __init__(self, server: Server, conn: Connection) -> None:
+        self.server = server
+        self.conn = conn
+        self.peer = conn.peer
+        self.name = ""
+        self.state = State.HANDSHAKE
+        self.authenticated = False
+        #: folded room name -> room name as shown
+        self.rooms: dict[str, str] = {}
+        #: scratch space for plugins, keyed by plugin name
+        self.data: dict[str, Any] = {}
+        self.ping_sent: float | None = None
+        limits = server.limits
+        self._bucket = TokenBucket(limits.rate, limits.rate_burst) if limits.rate > 0 else None
+
+    def __repr__(self) -> str:
+        return f"<Session {self.name or '?'} {self.peer} {self.state.value}>"
+
+    # -- output -----------------------------------------------------------------------
+
+    def deliver(self, data: bytes) -> None:
+        """Queue encoded frame bytes (the Hub calls this)."""
+        self.conn.send_bytes(data)
+
+    def send(self, header: dict[str, Any], body: bytes = b"") -> None:
+        """Queue one frame for this client."""
+        self.conn.send(header, body)
+
+    def reply(self, request: dict[str, Any], **fields: Any) -> None:
+        """Answer ``request`` with an ``ok`` frame, if it carried an ``id``."""
+        if "id" in request:
+            self.send({"type": "ok", "id": request["id"], **fields})
+
+    async def throttle(self) -> None:
+        """Wait as long as the message rate asks (plugins call it for their
+        own frame types)."""
+        if self._bucket is not None:
+            delay = self._bucket.take()
+            if delay > 0:
+                await asyncio.sleep(delay)
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def run(self) -> None:
+        reason = "connection closed"
+        try:
+            await self._handshake()
+            await self._serve()
+        except _Quit as quit:
+            reason = str(quit) or "quit"
+        except ConnectionClosed as exc:
+            reason = exc.message
+        except ChatError as exc:
+            reason = exc.message
+            log.info("closing %r: %s", self, exc.message)
+            self._send_error(exc, None)
+            self.send({"type": "bye", "reason": exc.message})
+        finally:
+            await self._cleanup(reason)
+
+    async def _handshake(self) -> None:
+        try:
+            frame = await asyncio.wait_for(self.conn.recv(), self.server.limits.handshake_timeout)
+        except TimeoutError:
+            raise Timeout("handshake timed out") from None
+        hello = frame.header
+        if frame.type != "hello":
+            raise ProtocolError(f"expected a 'hello' frame first, got {frame.type!r}")
+        version = hello.get("version")
+        if version != PROTOCOL_VERSION:
+            raise HandshakeError(
+                f"protocol version {version!r} is not supported; this server speaks "
+                f"version {PROTOCOL_VERSION}"
+            )
+        wanted = check_nick(hello.get("user"))
+        room = check_room(hello.get("room", DEFAULT_ROOM))
+        pm = self.server.pm
+        granted = await call_firstresult(
+            pm.hook.libchat_authenticate, server=self.server, hello=hello, peer=self.peer
+        )
+        self.authenticated = granted is not None
+        self.name = check_nick(granted) if granted is not None else wanted
+        await self.server.hub.attach(self, shared=self.authenticated)
+        self.state = State.OPEN
+        self.send(self.server.welcome(self))
+        await self._join(room, None)
+        await call_each(pm.hook.libchat_session_opened, session=self)
+
+    async def _serve(self) -> None:
+        handlers = self.server.handlers
+        recv = self.conn.recv
+        while True:
+            frame = await recv()
+            kind = frame.type
+            if self._bucket is not None and kind in RATE_LIMITED:
+                await self.throttle()
+            handler = handlers.get(kind)
+            try:
+                if handler is None:
+                    raise BadRequest(f"unknown frame type {kind!r}")
+                result = handler(self, frame)
+                if inspect.isawaitable(result):
+                    await result
+            except (_Quit, ConnectionClosed):
+                raise
+            except ChatError as exc:
+                self._send_error(exc, frame.header.get("id"))
+            except Exception:
+                log.exception("handler for %r failed in %r", kind, self)
+                self._send_error(InternalError(f"the server failed to handle {kind!r}"),
+                                 frame.header.get("id"))  # fmt: skip
+
+    def _send_error(self, exc: ChatError, request_id: Any) -> None:
+        header = exc.to_header(request_id if isinstance(request_id, str | int) else None)
+        self.send(header)
+
+    async def close(self, reason: str) -> None:
+        """Say goodbye and close; the session's own task then cleans up."""
+        if self.state is State.OPEN:
+            self.send({"type": "notice", "text": reason})
+        self.send({"type": "bye", "reason": reason})
+        await self.conn.close(reason)
+
+    async def _cleanup(self, reason: str) -> None:
+        was_open = self.state is State.OPEN
+        self.state = State.CLOSED
+        self.server.forget(self)
+        if self.name:
+            rooms = await self.server.hub.detach(self)
+            self.rooms.clear()
+            for room in rooms:
+                self.server.hub.publish(room, self._presence(room, "left", reason))
+        await self.conn.close(reason)
+        if was_open:
+            log.info("%s (%s) left: %s", self.name, self.peer, reason)
+            await call_each(self.server.pm.hook.libchat_session_closed, session=self, reason=reason)
+
+    # -- rooms ------------------------------------------------------------------------
+
+    def _presence(self, room: str, event: str, reason: str = "") -> bytes:
+        header = {"type": "presence", "room": room, "user": self.name, "event": event}
+        if reason:
+            header["reason"] = reason
+        return encode_frame(header)
+
+    def room_of(self, request: dict[str, Any]) -> str:
+        """The room a request names, as shown; the session must be in it."""
+        room = request.get("room")
+        if not isinstance(room, str):
+            raise BadRequest("'room' is missing")
+        shown = self.rooms.get(fold(room))
+        if shown is None:
+            raise NotFound(f"you are not in room {room!r}", room=room)
+        return shown
+
+    async def _join(self, room: str, request: dict[str, Any] | None) -> None:
+        check_room(room)
+        if fold(room) not in self.rooms and len(self.rooms) >= self.server.limits.max_rooms_per_session:
+            raise BadRequest(f"you are in {len(self.rooms)} rooms, the limit")
+        hub = self.server.hub
+        shown = await hub.join(room, self)
+        if shown is not None:
+            self.rooms[fold(shown)] = shown
+            hub.publish(shown, self._presence(shown, "joined"))
+        else:
+            shown = self.rooms[fold(room)]
+        if request is not None:
+            self.reply(request, room=shown, members=await hub.members(shown) or [])
+
+    # -- core frame handlers (the server's table maps frame types to these) ------------
+
+    async def on_msg(self, frame: Frame) -> None:
+        request = frame.header
+        room = self.room_of(request)
+        text = check_text(request.get("text"), self.server.limits.max_message_bytes)
+        message: dict[str, Any] = {"type": "msg", "room": room, "from": self.name, "text": text}
+        if request.get("action"):
+            message["action"] = True
+        if self.server.has_message_hooks:
+            await call_async(self.server.pm.hook.libchat_message, session=self, message=message)
+            check_text(message.get("text"), self.server.limits.max_message_bytes)
+        message["ts"] = round(time.time(), 3)
+        message["mid"] = mid = self.server.next_mid()
+        self.server.hub.publish(room, encode_frame(message), exclude=self)
+        self.reply(request, mid=mid, ts=message["ts"])
+
+    async def on_join(self, frame: Frame) -> None:
+        await self._join(check_room(frame.header.get("room")), frame.header)
+
+    async def on_part(self, frame: Frame) -> None:
+        request = frame.header
+        room = self.room_of(request)
+        await self.server.hub.part(room, self)
+        del self.rooms[fold(room)]
+        data = self._presence(room, "left", "part")
+        self.server.hub.publish(room, data)
+        self.deliver(data)
+        self.reply(request, room=room)
+
+    async def on_who(self, frame: Frame) -> None:
+        request = frame.header
+        room = check_room(request.get("room"))
+        members = await self.server.hub.members(room)
+        if members is None:
+            raise NotFound(f"no room {room!r}", room=room)
+        self.reply(request, room=room, members=members)
+
+    async def on_rooms(self, frame: Frame) -> None:
+        rooms = await self.server.hub.rooms()
+        self.reply(frame.header, rooms=[{"room": r, "members": n} for r, n in rooms])
+
+    async def on_command(self, frame: Frame) -> None:
+        request = frame.header
+        name, args = request.get("command"), request.get("args", "")
+        if not isinstance(name, str) or not isinstance(args, str):
+            raise BadRequest("'command' and 'args' must be strings")
+        command = self.server.commands.get(name.lower().lstrip("/"))
+        if command is None:
+            available = ", ".join("/" + n for n in self.server.command_names())
+            raise UnknownCommand(f"unknown command /{name}; available: {available}")
+        result = command.handler(self, args, request)
+        if inspect.isawaitable(result):
+            await result
+
+    def on_ping(self, frame: Frame) -> None:
+        pong = {"type": "pong"}
+        if "id" in frame.header:
+            pong["id"] = frame.header["id"]
+        self.send(pong)
+
+    def on_pong(self, frame: Frame) -> None:
+        self.ping_sent = None
+
+    def on_quit(self, frame: Frame) -> None:
+        reason = frame.header.get("reason")
+        reason = reason if isinstance(reason, str) and reason else "quit"
+        self.send({"type": "bye", "reason": reason})
+        raise _Quit(reason)
+
+    def on_hello(self, frame: Frame) -> None:
+        raise ProtocolError("already said hello")

@@ -1,0 +1,1 @@
+"""Private messages: /msg NAME TEXT and /reply TEXT."""

@@ -295,10 +295,15 @@ async def open_client(
     """Connect, say hello, and return a logged-in :class:`Client`."""
     try:
         reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, port, ssl=ssl, server_hostname=server_hostname,
-                                    limit=(max_frame_size or 1 << 20) + 16),
+            asyncio.open_connection(
+                host,
+                port,
+                ssl=ssl,
+                server_hostname=server_hostname,
+                limit=(max_frame_size or 1 << 20) + 16,
+            ),
             timeout,
-        )  # fmt: skip
+        )
     except TimeoutError:
         raise Timeout(f"could not connect to {host}:{port} in {timeout:g} s") from None
     except OSError as exc:
@@ -314,7 +319,7 @@ async def open_client(
     return client
 
 
-class connect:  # noqa: N801 - used like a function, as in websockets
+class connect:
     """``await connect(...)`` or ``async with connect(...) as client``; the
     context manager quits cleanly on exit. Arguments as :func:`open_client`."""
 

@@ -40,7 +40,7 @@ class ChatError(Exception):
         self.message = message or self.code
         self.details = details
 
-    def to_header(self, request_id: str | None = None) -> dict[str, Any]:
+    def to_header(self, request_id: str | int | None = None) -> dict[str, Any]:
         """The ``error`` frame header that reports this error to the peer."""
         header: dict[str, Any] = {"type": "error", "code": self.code, "message": self.message}
         if request_id is not None:

@@ -80,20 +80,37 @@ def event_from_frame(frame: Frame) -> Event:
     get = h.get
     if kind == "msg":
         return Message(
-            kind, h, frame.body, room=str(get("room", "")), sender=str(get("from", "")),
-            text=str(get("text", "")), ts=float(get("ts", 0.0)), mid=str(get("mid", "")),
+            kind,
+            h,
+            frame.body,
+            room=str(get("room", "")),
+            sender=str(get("from", "")),
+            text=str(get("text", "")),
+            ts=float(get("ts", 0.0)),
+            mid=str(get("mid", "")),
             action=bool(get("action", False)),
-        )  # fmt: skip
+        )
     if kind == "dm":
         return PrivateMessage(
-            kind, h, frame.body, sender=str(get("from", "")), recipient=str(get("to", "")),
-            text=str(get("text", "")), ts=float(get("ts", 0.0)), mid=str(get("mid", "")),
-        )  # fmt: skip
+            kind,
+            h,
+            frame.body,
+            sender=str(get("from", "")),
+            recipient=str(get("to", "")),
+            text=str(get("text", "")),
+            ts=float(get("ts", 0.0)),
+            mid=str(get("mid", "")),
+        )
     if kind == "presence":
         return Presence(
-            kind, h, frame.body, room=str(get("room", "")), user=str(get("user", "")),
-            event=str(get("event", "")), reason=str(get("reason", "")),
-        )  # fmt: skip
+            kind,
+            h,
+            frame.body,
+            room=str(get("room", "")),
+            user=str(get("user", "")),
+            event=str(get("event", "")),
+            reason=str(get("reason", "")),
+        )
     if kind == "notice":
         return Notice(kind, h, frame.body, text=str(get("text", "")))
     if kind == "error":

@@ -141,7 +141,9 @@ class LocalHub:
         return sorted({m.name for m in entry[1]}, key=fold)
 
     async def rooms(self) -> list[tuple[str, int]]:
-        counts = ((name, len({fold(m.name) for m in members})) for name, members in self._rooms.values())
+        counts = (
+            (name, len({fold(m.name) for m in members})) for name, members in self._rooms.values()
+        )
         return sorted(counts, key=lambda r: fold(r[0]))
 
     async def online(self, name: str) -> str | None:

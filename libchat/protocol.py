@@ -61,9 +61,7 @@ def _reject_constant(name: str) -> Any:
 
 
 _decode_json = json.JSONDecoder(parse_constant=_reject_constant).decode
-_encode_json = json.JSONEncoder(
-    ensure_ascii=False, separators=(",", ":"), allow_nan=False
-).encode
+_encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 
 
 def encode_header(header: Mapping[str, Any]) -> bytes:

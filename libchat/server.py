@@ -100,9 +100,19 @@ class Server:
     def _collect_extensions(self) -> None:
         core: dict[str, FrameHandler] = {
             kind: getattr(Session, "on_" + kind)
-            for kind in ("msg", "join", "part", "who", "rooms", "command", "ping", "pong",
-                         "quit", "hello")
-        }  # fmt: skip
+            for kind in (
+                "msg",
+                "join",
+                "part",
+                "who",
+                "rooms",
+                "command",
+                "ping",
+                "pong",
+                "quit",
+                "hello",
+            )
+        }
         self.handlers = dict(core)
         for extra in self.pm.hook.libchat_frame_handlers(server=self):
             for kind, handler in extra.items():
@@ -143,8 +153,9 @@ class Server:
         if self._keepalive is not None:
             self._keepalive.cancel()
         log.info("shutting down: %s", reason)
-        await asyncio.gather(*(s.close(reason) for s in list(self.sessions)),
-                             return_exceptions=True)  # fmt: skip
+        await asyncio.gather(
+            *(s.close(reason) for s in list(self.sessions)), return_exceptions=True
+        )
         if self._tasks:
             _done, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
             for task in pending:
@@ -184,8 +195,12 @@ class Server:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         limits = self.limits
-        conn = Connection(reader, writer, max_frame_size=limits.max_frame_size,
-                          max_send_queue=limits.max_send_queue)  # fmt: skip
+        conn = Connection(
+            reader,
+            writer,
+            max_frame_size=limits.max_frame_size,
+            max_send_queue=limits.max_send_queue,
+        )
         try:
             self._admit(conn.address)
         except ChatError as exc:

@@ -189,8 +189,9 @@ class Session:
                 self._send_error(exc, frame.header.get("id"))
             except Exception:
                 log.exception("handler for %r failed in %r", kind, self)
-                self._send_error(InternalError(f"the server failed to handle {kind!r}"),
-                                 frame.header.get("id"))  # fmt: skip
+                self._send_error(
+                    InternalError(f"the server failed to handle {kind!r}"), frame.header.get("id")
+                )
 
     def _send_error(self, exc: ChatError, request_id: Any) -> None:
         header = exc.to_header(request_id if isinstance(request_id, str | int) else None)
@@ -237,7 +238,10 @@ class Session:
 
     async def _join(self, room: str, request: dict[str, Any] | None) -> None:
         check_room(room)
-        if fold(room) not in self.rooms and len(self.rooms) >= self.server.limits.max_rooms_per_session:
+        if (
+            fold(room) not in self.rooms
+            and len(self.rooms) >= self.server.limits.max_rooms_per_session
+        ):
             raise BadRequest(f"you are in {len(self.rooms)} rooms, the limit")
         hub = self.server.hub
         shown = await hub.join(room, self)

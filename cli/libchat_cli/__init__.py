@@ -30,17 +30,30 @@ DEFAULT_LIMITS = Limits()
 
 def address_options(func: F) -> F:
     """--host and --port, shared by every command that talks to a server."""
-    func = click.option("--port", "-p", type=click.IntRange(0, 65535),
-                        default=libchat.DEFAULT_PORT, show_default=True,
-                        envvar="CHAT_PORT", help="Server port.")(func)  # fmt: skip
-    func = click.option("--host", "-h", default=libchat.DEFAULT_HOST, show_default=True,
-                        envvar="CHAT_HOST", help="Server address.")(func)  # fmt: skip
+    func = click.option(
+        "--port",
+        "-p",
+        type=click.IntRange(0, 65535),
+        default=libchat.DEFAULT_PORT,
+        show_default=True,
+        envvar="CHAT_PORT",
+        help="Server port.",
+    )(func)
+    func = click.option(
+        "--host",
+        "-h",
+        default=libchat.DEFAULT_HOST,
+        show_default=True,
+        envvar="CHAT_HOST",
+        help="Server address.",
+    )(func)
     return func
 
 
 def user_option(func: F) -> F:
-    return click.option("--user", "-u", envvar="CHAT_USER", required=True,
-                        help="Your user name (or set CHAT_USER).")(func)  # fmt: skip
+    return click.option(
+        "--user", "-u", envvar="CHAT_USER", required=True, help="Your user name (or set CHAT_USER)."
+    )(func)
 
 
 def run_async(coro: Coroutine[Any, Any, int | None]) -> int:
@@ -64,49 +77,120 @@ def cli() -> None:
 
 @cli.command()
 @address_options
-@click.option("--plugins", "plugin_names", default="", metavar="A,B",
-              help="Plugins to run, by name (see `chat plugins`).")
-@click.option("--db", type=click.Path(dir_okay=False), default=None,
-              help="SQLite file for plugins that store data (auth, dm).")
-@click.option("--rate-limit", type=click.FloatRange(0), default=DEFAULT_LIMITS.rate, show_default=True,
-              help="Messages per second per connection; floods are delayed. 0: off.")
-@click.option("--rate-burst", type=click.IntRange(1), default=DEFAULT_LIMITS.rate_burst,
-              show_default=True, help="Messages allowed in a burst above the rate.")
-@click.option("--max-connections", type=click.IntRange(0), default=DEFAULT_LIMITS.max_connections,
-              show_default=True, help="Connections in all. 0: no limit.")
-@click.option("--max-per-address", type=click.IntRange(0),
-              default=DEFAULT_LIMITS.max_connections_per_address, show_default=True,
-              help="Connections from one IP address. 0: no limit.")
-@click.option("--max-message", type=click.IntRange(1, 65000),
-              default=DEFAULT_LIMITS.max_message_bytes, show_default=True,
-              help="Longest message text, in UTF-8 bytes.")
-@click.option("--ping-interval", type=click.FloatRange(0), default=DEFAULT_LIMITS.ping_interval,
-              show_default=True, help="Seconds of silence before a client is pinged. 0: off.")
-@click.option("--ping-timeout", type=click.FloatRange(0.1), default=DEFAULT_LIMITS.ping_timeout,
-              show_default=True, help="Seconds a pinged client has to answer.")
-@click.option("--handshake-timeout", type=click.FloatRange(0.1),
-              default=DEFAULT_LIMITS.handshake_timeout, show_default=True,
-              help="Seconds a new connection has to say hello.")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
-              default="info", show_default=True)
-def serve(host: str, port: int, plugin_names: str, db: str | None, rate_limit: float,
-          rate_burst: int, max_connections: int, max_per_address: int, max_message: int,
-          ping_interval: float, ping_timeout: float, handshake_timeout: float,
-          log_level: str) -> None:  # fmt: skip
+@click.option(
+    "--plugins",
+    "plugin_names",
+    default="",
+    metavar="A,B",
+    help="Plugins to run, by name (see `chat plugins`).",
+)
+@click.option(
+    "--db",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="SQLite file for plugins that store data (auth, dm).",
+)
+@click.option(
+    "--rate-limit",
+    type=click.FloatRange(0),
+    default=DEFAULT_LIMITS.rate,
+    show_default=True,
+    help="Messages per second per connection; floods are delayed. 0: off.",
+)
+@click.option(
+    "--rate-burst",
+    type=click.IntRange(1),
+    default=DEFAULT_LIMITS.rate_burst,
+    show_default=True,
+    help="Messages allowed in a burst above the rate.",
+)
+@click.option(
+    "--max-connections",
+    type=click.IntRange(0),
+    default=DEFAULT_LIMITS.max_connections,
+    show_default=True,
+    help="Connections in all. 0: no limit.",
+)
+@click.option(
+    "--max-per-address",
+    type=click.IntRange(0),
+    default=DEFAULT_LIMITS.max_connections_per_address,
+    show_default=True,
+    help="Connections from one IP address. 0: no limit.",
+)
+@click.option(
+    "--max-message",
+    type=click.IntRange(1, 65000),
+    default=DEFAULT_LIMITS.max_message_bytes,
+    show_default=True,
+    help="Longest message text, in UTF-8 bytes.",
+)
+@click.option(
+    "--ping-interval",
+    type=click.FloatRange(0),
+    default=DEFAULT_LIMITS.ping_interval,
+    show_default=True,
+    help="Seconds of silence before a client is pinged. 0: off.",
+)
+@click.option(
+    "--ping-timeout",
+    type=click.FloatRange(0.1),
+    default=DEFAULT_LIMITS.ping_timeout,
+    show_default=True,
+    help="Seconds a pinged client has to answer.",
+)
+@click.option(
+    "--handshake-timeout",
+    type=click.FloatRange(0.1),
+    default=DEFAULT_LIMITS.handshake_timeout,
+    show_default=True,
+    help="Seconds a new connection has to say hello.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+)
+def serve(
+    host: str,
+    port: int,
+    plugin_names: str,
+    db: str | None,
+    rate_limit: float,
+    rate_burst: int,
+    max_connections: int,
+    max_per_address: int,
+    max_message: int,
+    ping_interval: float,
+    ping_timeout: float,
+    handshake_timeout: float,
+    log_level: str,
+) -> None:
     """Run a chat server (Ctrl-C or SIGTERM stops it cleanly)."""
-    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
-    limits = Limits(rate=rate_limit, rate_burst=rate_burst, max_connections=max_connections,
-                    max_connections_per_address=max_per_address,
-                    max_message_bytes=max_message, ping_interval=ping_interval,
-                    ping_timeout=ping_timeout, handshake_timeout=handshake_timeout)  # fmt: skip
+    logging.basicConfig(
+        level=log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    limits = Limits(
+        rate=rate_limit,
+        rate_burst=rate_burst,
+        max_connections=max_connections,
+        max_connections_per_address=max_per_address,
+        max_message_bytes=max_message,
+        ping_interval=ping_interval,
+        ping_timeout=ping_timeout,
+        handshake_timeout=handshake_timeout,
+    )
     names = [n.strip() for n in plugin_names.split(",") if n.strip()]
     config: dict[str, Any] = {"db": db}
     sys.exit(run_async(_serve(host, port, names, limits, config)))
 
 
-async def _serve(host: str, port: int, plugins: list[str], limits: Limits,
-                 config: dict[str, Any]) -> int:  # fmt: skip
+async def _serve(
+    host: str, port: int, plugins: list[str], limits: Limits, config: dict[str, Any]
+) -> int:
     server = Server(host, port, plugins=plugins, limits=limits, config=config)
     try:
         await server.start()
@@ -114,13 +198,12 @@ async def _serve(host: str, port: int, plugins: list[str], limits: Limits,
         what = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
         raise ChatError(f"cannot listen on {host}:{port}: {what or exc}") from None
     loop = asyncio.get_running_loop()
-    stopping: list[str] = []
+    closing: list[asyncio.Task[None]] = []
 
     def stop(signame: str) -> None:
-        if not stopping:
-            stopping.append(signame)
+        if not closing:
             log.info("received %s", signame)
-            loop.create_task(server.close())
+            closing.append(loop.create_task(server.close()))
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, functools.partial(stop, sig.name))
@@ -134,10 +217,12 @@ async def _serve(host: str, port: int, plugins: list[str], limits: Limits,
 @cli.command()
 @address_options
 @user_option
-@click.option("--room", "-r", default=libchat.DEFAULT_ROOM, show_default=True,
-              help="Room to join first.")
-@click.option("--json", "json_mode", is_flag=True,
-              help="Print one JSON object per event (for scripts).")
+@click.option(
+    "--room", "-r", default=libchat.DEFAULT_ROOM, show_default=True, help="Room to join first."
+)
+@click.option(
+    "--json", "json_mode", is_flag=True, help="Print one JSON object per event (for scripts)."
+)
 def join(host: str, port: int, user: str, room: str, json_mode: bool) -> None:
     """Join the chat. Interactive in a terminal; otherwise each stdin line
     is sent and each event printed as one line."""
@@ -145,12 +230,12 @@ def join(host: str, port: int, user: str, room: str, json_mode: bool) -> None:
     sys.exit(run_async(_join(host, port, user, room, json_mode, interactive)))
 
 
-async def _join(host: str, port: int, user: str, room: str, json_mode: bool,
-                interactive: bool) -> int:  # fmt: skip
+async def _join(
+    host: str, port: int, user: str, room: str, json_mode: bool, interactive: bool
+) -> int:
     from .terminal import Terminal
 
-    client = await libchat.open_client(host, port, user=user, room=room,
-                                       plugins=_client_plugins())  # fmt: skip
+    client = await libchat.open_client(host, port, user=user, room=room, plugins=_client_plugins())
     terminal = Terminal(client, json_mode=json_mode)
     try:
         if interactive:

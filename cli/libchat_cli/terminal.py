@@ -15,6 +15,7 @@ Two faces over one command loop:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import threading
 from collections.abc import Callable
@@ -112,20 +113,26 @@ class Terminal:
                 raise ValueError("usage: /join ROOM")
             members = await client.join(args)
             room = client.room or args
-            self.info({"type": "members", "room": room, "members": members},
-                      f"[{room}] members: {', '.join(members)}")  # fmt: skip
+            self.info(
+                {"type": "members", "room": room, "members": members},
+                f"[{room}] members: {', '.join(members)}",
+            )
         elif name == "part":
             await client.part(args or None)
         elif name == "who":
             room = args or client.room or ""
             members = await client.who(room or None)
-            self.info({"type": "members", "room": room, "members": members},
-                      f"[{room}] members: {', '.join(members)}")  # fmt: skip
+            self.info(
+                {"type": "members", "room": room, "members": members},
+                f"[{room}] members: {', '.join(members)}",
+            )
         elif name == "rooms":
             rooms = await client.list_rooms()
             listing = ", ".join(f"{r} ({n})" for r, n in rooms) or "none"
-            self.info({"type": "rooms", "rooms": [{"room": r, "members": n} for r, n in rooms]},
-                      f"rooms: {listing}")  # fmt: skip
+            self.info(
+                {"type": "rooms", "rooms": [{"room": r, "members": n} for r, n in rooms]},
+                f"rooms: {listing}",
+            )
         elif name == "me":
             if not args:
                 raise ValueError("usage: /me ACTION")
@@ -223,10 +230,8 @@ def _read_stdin_in_thread(lines: asyncio.Queue[str | None]) -> None:
         except (OSError, ValueError):
             pass
         finally:
-            try:
+            with contextlib.suppress(RuntimeError):  # the loop is already closed
                 loop.call_soon_threadsafe(lines.put_nowait, None)
-            except RuntimeError:  # the loop is already closed
-                pass
 
     threading.Thread(target=pump, name="stdin", daemon=True).start()
 

@@ -1,0 +1,1 @@
+"""Accounts: bcrypt passwords in an SQLite user store (work in progress)."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .client import Client, connect, open_client
-from .commands import Command
+from .commands import ClientCommand, Command
 from .errors import ChatError, ConnectionClosed, RemoteError
 from .events import ErrorEvent, Event, Message, Notice, Presence, PrivateMessage
 from .hookspecs import hookimpl
@@ -33,6 +33,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "ChatError",
     "Client",
+    "ClientCommand",
     "Command",
     "ConnectionClosed",
     "ErrorEvent",

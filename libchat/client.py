@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import ssl as ssl_module
 from collections.abc import AsyncIterator, Generator, Iterable
 from types import TracebackType
@@ -28,11 +29,12 @@ from . import __version__
 from .connection import Connection
 from .errors import ConnectionClosed, HandshakeError, ProtocolError, RemoteError, Timeout
 from .events import Event, event_from_frame
-from .plugins import PluginSpec, call_async, make_plugin_manager
+from .plugins import PluginSpec, call_async, call_firstresult, make_plugin_manager
 from .protocol import DEFAULT_ROOM, PROTOCOL_VERSION, check_room, fold
 from .server import DEFAULT_HOST, DEFAULT_PORT
 
 _CLOSED = object()
+log = logging.getLogger("libchat.client")
 
 
 class Client:
@@ -47,6 +49,7 @@ class Client:
         plugins: Iterable[PluginSpec] = (),
         receive_events: bool = True,
         request_timeout: float = 30.0,
+        options: dict[str, Any] | None = None,
     ) -> None:
         self.conn = conn
         self.requested_user = user
@@ -55,6 +58,8 @@ class Client:
         self.rooms: dict[str, str] = {}
         self.welcome: dict[str, Any] = {}
         self.pm = make_plugin_manager(plugins)
+        #: settings for client-side plugins (``accept_files``...)
+        self.options: dict[str, Any] = dict(options or {})
         self.receive_events = receive_events
         self.request_timeout = request_timeout
         self.close_reason = ""
@@ -92,6 +97,8 @@ class Client:
 
     async def _read_loop(self) -> None:
         conn = self.conn
+        frame_hook = self.pm.hook.libchat_client_frame
+        hooked = bool(frame_hook.get_hookimpls())
         try:
             while True:
                 frame = await conn.recv()
@@ -110,6 +117,8 @@ class Client:
                     self.close_reason = str(header.get("reason", ""))
                 event = event_from_frame(frame)
                 self._track(event)
+                if hooked and await self._consumed(frame_hook, event):
+                    continue
                 if self.receive_events:
                     self._events.put_nowait(event)
         except ConnectionClosed as exc:
@@ -123,6 +132,15 @@ class Client:
             self._pending.clear()
             self._events.put_nowait(_CLOSED)
             await conn.close()
+
+    async def _consumed(self, hook: Any, event: Event) -> bool:
+        """Offer ``event`` to the client-side plugins; a failing plugin is
+        logged and the event is kept for the application."""
+        try:
+            return bool(await call_firstresult(hook, client=self, event=event))
+        except Exception:
+            log.exception("a plugin failed on %r", event.type)
+            return False
 
     def _track(self, event: Event) -> None:
         """Keep ``rooms`` and ``room`` true as presence events arrive."""
@@ -291,6 +309,7 @@ async def open_client(
     receive_events: bool = True,
     timeout: float = 10.0,
     max_frame_size: int | None = 16 << 20,
+    options: dict[str, Any] | None = None,
 ) -> Client:
     """Connect, say hello, and return a logged-in :class:`Client`."""
     try:
@@ -310,7 +329,9 @@ async def open_client(
         reason = exc.strerror or str(exc)
         raise ConnectionClosed(f"cannot connect to {host}:{port}: {reason}") from None
     conn = Connection(reader, writer, max_frame_size=max_frame_size)
-    client = Client(conn, user=user, room=room, plugins=plugins, receive_events=receive_events)
+    client = Client(
+        conn, user=user, room=room, plugins=plugins, receive_events=receive_events, options=options
+    )
     try:
         await client._handshake(dict(hello or {}), timeout)
     except BaseException:

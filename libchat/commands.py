@@ -27,3 +27,18 @@ class Command:
     handler: CommandHandler
     usage: str = ""
     help: str = ""
+
+
+#: ``handler(terminal, args)``: the terminal client (``terminal.client``,
+#: ``terminal.out(text)``, ``terminal.err(text)``) and the text after the name.
+ClientCommandHandler = Callable[[Any, str], Awaitable[Any] | Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ClientCommand:
+    """A slash command the terminal client runs itself (``/send NAME PATH``)."""
+
+    name: str
+    handler: ClientCommandHandler
+    usage: str = ""
+    help: str = ""

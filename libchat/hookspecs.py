@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     import click
 
     from .client import Client
-    from .commands import Command, FrameHandler
+    from .commands import ClientCommand, Command, FrameHandler
     from .events import Event
     from .server import Server
     from .session import Session
@@ -117,6 +117,24 @@ def libchat_register_commands(cli: click.Group) -> None:
 def libchat_client_hello(client: Client, hello: dict[str, Any]) -> Any:
     """Fires before the client sends its ``hello``; add fields to ``hello``
     in place (a password, a token). All implementations run."""
+
+
+@hookspec(firstresult=True)
+def libchat_client_frame(client: Client, event: Event) -> bool | None:
+    """Fires in the client's read loop for every frame from the server that
+    is not a reply to a request (``event`` is the decoded event). Return
+    ``True`` to consume it: it is then not queued for the application. The
+    client awaits the result before it reads the next frame, so a slow
+    handler (writing a file chunk) slows the server down: backpressure. Not
+    called at all when no plugin implements it. First result wins."""
+
+
+@hookspec
+def libchat_client_commands() -> list[ClientCommand] | None:
+    """Return slash commands the terminal client runs locally (``/send``,
+    ``/accept``) instead of sending them to the server. A command's handler
+    gets the terminal (``terminal.client``, ``terminal.out``,
+    ``terminal.err``) and the text after the command name."""
 
 
 @hookspec(firstresult=True)

@@ -62,6 +62,13 @@ def libchat_authenticate(server: Server, hello: dict[str, Any], peer: str) -> st
     non-``None`` result wins; with no answer the requested name is used."""
 
 
+@hookspec(firstresult=True)
+def libchat_account_exists(server: Server, name: str) -> bool | None:
+    """Is ``name`` a registered account (one that may receive messages while
+    offline, for example)? Return ``None`` for no opinion. The first
+    non-``None`` result wins; with no answer, no name is an account."""
+
+
 @hookspec
 def libchat_session_opened(session: Session) -> Any:
     """Fires when a session has completed its handshake and joined its first

@@ -1,0 +1,124 @@
+"""The offline mailbox: private messages waiting for an account to log in.
+
+One SQLite table in the server's ``--db`` file, beside whatever other
+plugins keep there. Every call runs on a single worker thread that the store
+owns: the event loop never touches SQLite, and one thread runs the calls one
+at a time, in the order they were made, so stored messages keep their order
+and a message is taken by exactly one login.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS dm_pending (
+    id        INTEGER PRIMARY KEY AUTOINCREMENT,
+    recipient TEXT NOT NULL,  -- the user name, folded (lower case)
+    header    TEXT NOT NULL   -- the dm frame header, as JSON
+);
+CREATE INDEX IF NOT EXISTS dm_pending_by_recipient ON dm_pending (recipient, id);
+"""
+
+
+class PendingStore:
+    """Private messages for offline users, oldest first. Open with
+    :meth:`open`; every method is a coroutine that runs SQLite off the loop."""
+
+    def __init__(self, path: str, *, max_per_user: int) -> None:
+        self.path = path
+        self.max_per_user = max_per_user
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="libchat-dm-store")
+        self._db: sqlite3.Connection | None = None
+
+    @classmethod
+    async def open(cls, path: str, *, max_per_user: int = 100) -> PendingStore:
+        store = cls(path, max_per_user=max_per_user)
+        try:
+            await store._run(store._connect)
+        except BaseException:
+            store._executor.shutdown(wait=False)
+            raise
+        return store
+
+    async def _run(self, func: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, func, *args)
+
+    # -- the calls (each runs on the store's thread) ----------------------------------
+
+    def _connect(self) -> None:
+        # Made on the worker thread, used only there: sqlite3's same-thread
+        # check holds.
+        db = sqlite3.connect(self.path)
+        db.executescript(_SCHEMA)
+        self._db = db
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise RuntimeError("the dm store is closed")
+        return self._db
+
+    def _put(self, recipient: str, header: dict[str, Any]) -> bool:
+        db = self._conn()
+        with db:
+            if self._count(recipient) >= self.max_per_user:
+                return False
+            db.execute(
+                "INSERT INTO dm_pending (recipient, header) VALUES (?, ?)",
+                (recipient, json.dumps(header, ensure_ascii=False)),
+            )
+        return True
+
+    def _take(self, recipient: str) -> list[dict[str, Any]]:
+        db = self._conn()
+        with db:
+            rows = db.execute(
+                "SELECT id, header FROM dm_pending WHERE recipient = ? ORDER BY id", (recipient,)
+            ).fetchall()
+            if rows:
+                db.execute(
+                    "DELETE FROM dm_pending WHERE recipient = ? AND id <= ?",
+                    (recipient, rows[-1][0]),
+                )
+        return [json.loads(header) for _id, header in rows]
+
+    def _count(self, recipient: str) -> int:
+        query = "SELECT COUNT(*) FROM dm_pending WHERE recipient = ?"
+        (count,) = self._conn().execute(query, (recipient,)).fetchone()
+        return int(count)
+
+    def _close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    # -- the async API ----------------------------------------------------------------
+
+    async def put(self, recipient: str, header: dict[str, Any]) -> bool:
+        """Keep ``header`` for ``recipient`` (a folded name); ``False`` when
+        that user already has ``max_per_user`` messages waiting."""
+        return await self._run(self._put, recipient, header)
+
+    async def take(self, recipient: str) -> list[dict[str, Any]]:
+        """Every message waiting for ``recipient``, oldest first, removed
+        from the store in the same transaction."""
+        return await self._run(self._take, recipient)
+
+    async def count(self, recipient: str) -> int:
+        """How many messages wait for ``recipient``."""
+        return await self._run(self._count, recipient)
+
+    async def close(self) -> None:
+        """Close the database and stop the worker thread. Idempotent."""
+        # RuntimeError: the executor was already shut down (closed before)
+        with contextlib.suppress(RuntimeError):
+            await self._run(self._close)
+        self._executor.shutdown(wait=False)

@@ -16,12 +16,15 @@ A frame is::
 
 The declared lengths are checked against ``max_frame_size`` as soon as the
 8-byte prefix is in, before any of the frame is buffered, so a peer that
-claims a 4 GiB frame costs us 8 bytes of memory.
+claims a 4 GiB frame costs us 8 bytes of memory. A wrong magic is reported
+from the first byte that differs, so plain text or a TLS handshake sent to
+this port fails at once instead of waiting for a prefix that never comes.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from collections.abc import Mapping
@@ -35,6 +38,7 @@ MAGIC: Final = b"LC"
 PREFIX: Final = struct.Struct(">2sHI")
 PREFIX_SIZE: Final = PREFIX.size
 MAX_HEADER_SIZE: Final = 0xFFFF
+MAX_BODY_SIZE: Final = 0xFFFFFFFF
 
 DEFAULT_ROOM: Final = "lobby"
 
@@ -60,7 +64,18 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-_decode_json = json.JSONDecoder(parse_constant=_reject_constant).decode
+def _finite_float(text: str) -> float:
+    # "1e400" parses to inf, which our own encoder then refuses: a header we
+    # could never echo back (an ``id``) must be refused on the way in.
+    value = float(text)
+    if value in (math.inf, -math.inf):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
+_decode_json = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float).decode
+# A "\uD800".."\uDFFF" escape may leave a lone surrogate in a decoded string.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 _encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 
 
@@ -79,19 +94,32 @@ def encode_frame(header: Mapping[str, Any], body: bytes = b"") -> bytes:
     raw = encode_header(header)
     if not raw or len(raw) > MAX_HEADER_SIZE:
         raise ValueError(f"frame header is {len(raw)} bytes; the limit is {MAX_HEADER_SIZE}")
+    if len(body) > MAX_BODY_SIZE:
+        raise ValueError(f"frame body is {len(body)} bytes; the limit is {MAX_BODY_SIZE}")
     return b"".join((PREFIX.pack(MAGIC, len(raw), len(body)), raw, body))
 
 
 def parse_header(raw: bytes) -> dict[str, Any]:
-    """Decode and check one frame header."""
+    """Decode and check one frame header.
+
+    Whatever this accepts, :func:`encode_header` can encode again: a header
+    holding a lone surrogate or an infinite number is refused here, not
+    later when the server echoes a field back."""
     try:
         header = _decode_json(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise ProtocolError(f"frame header is not valid UTF-8: {exc.reason}") from None
+    except RecursionError:
+        raise ProtocolError("frame header is nested too deeply") from None
     except ValueError as exc:
         raise ProtocolError(f"frame header is not valid JSON: {exc}") from None
     if not isinstance(header, dict):
         raise ProtocolError("frame header must be a JSON object")
+    if _SURROGATE_ESCAPE.search(raw):
+        try:
+            encode_header(header)
+        except ValueError:
+            raise ProtocolError("frame header holds a lone surrogate (not valid Unicode)") from None
     kind = header.get("type")
     if not isinstance(kind, str) or not kind:
         raise ProtocolError("frame header needs a string 'type'")
@@ -139,6 +167,10 @@ class FrameDecoder:
                 body = bytes(buf[start + hlen : pos + total]) if blen else b""
                 frames.append(Frame(header, body))
                 pos += total
+            if pos < end and not MAGIC.startswith(buf[pos : pos + 2]):
+                # Less than a prefix, but already not ours: say so now rather
+                # than wait for bytes (a person typing "hi") that may never come.
+                self._check_magic(bytes(buf[pos : pos + 2]))
         except ProtocolError:
             self._failed = True
             buf.clear()
@@ -147,14 +179,18 @@ class FrameDecoder:
             del buf[:pos]
         return frames
 
-    def _check_prefix(self, magic: bytes, hlen: int, blen: int) -> None:
+    @staticmethod
+    def _check_magic(magic: bytes) -> None:
         if magic != MAGIC:
             hint = ""
             if magic[:1] == b"\x16":
                 hint = " (a TLS handshake? this port speaks plaintext)"
             elif magic.isascii() and magic.isalpha():
                 hint = " (plain text? this port speaks the libchat framing)"
-            raise ProtocolError(f"not a libchat frame: bad magic {bytes(magic)!r}{hint}")
+            raise ProtocolError(f"not a libchat frame: bad magic {magic!r}{hint}")
+
+    def _check_prefix(self, magic: bytes, hlen: int, blen: int) -> None:
+        self._check_magic(magic)
         if hlen == 0:
             raise ProtocolError("frame header length is zero")
         if self.max_frame_size is not None and hlen + blen > self.max_frame_size:

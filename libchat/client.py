@@ -32,6 +32,7 @@ from .events import Event, event_from_frame
 from .plugins import PluginSpec, call_async, call_firstresult, make_plugin_manager
 from .protocol import DEFAULT_ROOM, PROTOCOL_VERSION, check_room, fold
 from .server import DEFAULT_HOST, DEFAULT_PORT
+from .tls import tls_error
 
 _CLOSED = object()
 log = logging.getLogger("libchat.client")
@@ -325,6 +326,8 @@ async def open_client(
         )
     except TimeoutError:
         raise Timeout(f"could not connect to {host}:{port} in {timeout:g} s") from None
+    except ssl_module.SSLError as exc:  # before OSError, its base: say what TLS disliked
+        raise tls_error(exc, server_hostname or host) from None
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise ConnectionClosed(f"cannot connect to {host}:{port}: {reason}") from None
@@ -334,6 +337,13 @@ async def open_client(
     )
     try:
         await client._handshake(dict(hello or {}), timeout)
+    except ConnectionClosed as exc:
+        await conn.close()
+        # A TLS server hangs up on a plaintext hello without a word.
+        raise ConnectionClosed(
+            f"{host}:{port} closed the connection without answering the hello ({exc.message})",
+            stage="hello",
+        ) from None
     except BaseException:
         await conn.close()
         raise

@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 import signal
+import ssl
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
@@ -20,8 +21,10 @@ from typing import Any, TypeVar
 import click
 
 import libchat
-from libchat import ChatError, Limits, Server
+from libchat import ChatError, Limits, Server, tls
 from libchat.plugins import installed_plugins, make_plugin_manager
+
+from .options import Security, login, run_logged_in, security_options
 
 F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger("libchat.cli")
@@ -88,7 +91,32 @@ def cli() -> None:
     "--db",
     type=click.Path(dir_okay=False),
     default=None,
-    help="SQLite file for plugins that store data (auth, dm).",
+    envvar="CHAT_DB",
+    help="SQLite file for plugins that store data (auth, dm); or set CHAT_DB.",
+)
+@click.option(
+    "--allow-register",
+    is_flag=True,
+    help="auth: an unknown name creates its account at first login.",
+)
+@click.option(
+    "--bcrypt-rounds",
+    type=click.IntRange(4, 31),
+    default=None,
+    envvar="CHAT_BCRYPT_ROUNDS",
+    help="auth: bcrypt cost of new password hashes (or set CHAT_BCRYPT_ROUNDS). [default: 12]",
+)
+@click.option(
+    "--tls-cert",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Serve TLS with this PEM certificate chain.",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="The PEM private key of --tls-cert (if not in the same file).",
 )
 @click.option(
     "--rate-limit",
@@ -157,6 +185,10 @@ def serve(
     port: int,
     plugin_names: str,
     db: str | None,
+    allow_register: bool,
+    bcrypt_rounds: int | None,
+    tls_cert: str | None,
+    tls_key: str | None,
     rate_limit: float,
     rate_burst: int,
     max_connections: int,
@@ -184,14 +216,38 @@ def serve(
         handshake_timeout=handshake_timeout,
     )
     names = [n.strip() for n in plugin_names.split(",") if n.strip()]
-    config: dict[str, Any] = {"db": db}
-    sys.exit(run_async(_serve(host, port, names, limits, config)))
+    config: dict[str, Any] = {
+        "db": db,
+        "allow_register": allow_register,
+        "bcrypt_rounds": bcrypt_rounds,
+    }
+    context = _server_tls(tls_cert, tls_key)
+    sys.exit(run_async(_serve(host, port, names, limits, config, context)))
+
+
+def _server_tls(cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    """The server's TLS context, or None for plaintext."""
+    if cert is None:
+        if key is not None:
+            raise click.UsageError("--tls-key needs --tls-cert")
+        return None
+    try:
+        context = tls.server_context(cert, key)
+    except ChatError as exc:
+        raise click.ClickException(exc.message) from None
+    log.info("TLS on, with the certificate in %s", cert)
+    return context
 
 
 async def _serve(
-    host: str, port: int, plugins: list[str], limits: Limits, config: dict[str, Any]
+    host: str,
+    port: int,
+    plugins: list[str],
+    limits: Limits,
+    config: dict[str, Any],
+    context: ssl.SSLContext | None = None,
 ) -> int:
-    server = Server(host, port, plugins=plugins, limits=limits, config=config)
+    server = Server(host, port, plugins=plugins, limits=limits, config=config, ssl=context)
     try:
         await server.start()
     except OSError as exc:
@@ -223,19 +279,38 @@ async def _serve(
 @click.option(
     "--json", "json_mode", is_flag=True, help="Print one JSON object per event (for scripts)."
 )
-def join(host: str, port: int, user: str, room: str, json_mode: bool) -> None:
+@security_options
+def join(host: str, port: int, user: str, room: str, json_mode: bool, security: Security) -> None:
     """Join the chat. Interactive in a terminal; otherwise each stdin line
-    is sent and each event printed as one line."""
+    is sent and each event printed as one line.
+
+    On a server with accounts the password comes from $CHAT_PASSWORD, else
+    from a hidden prompt."""
     interactive = sys.stdin.isatty() and sys.stdout.isatty() and not json_mode
-    sys.exit(run_async(_join(host, port, user, room, json_mode, interactive)))
+    sys.exit(
+        run_logged_in(
+            host,
+            user,
+            security,
+            lambda connect: _join(host, port, user, room, json_mode, interactive, connect),
+        )
+    )
 
 
 async def _join(
-    host: str, port: int, user: str, room: str, json_mode: bool, interactive: bool
+    host: str,
+    port: int,
+    user: str,
+    room: str,
+    json_mode: bool,
+    interactive: bool,
+    connect: dict[str, Any] | None = None,
 ) -> int:
     from .terminal import Terminal
 
-    client = await libchat.open_client(host, port, user=user, room=room, plugins=_client_plugins())
+    client = await login(
+        host, port, user=user, room=room, plugins=_client_plugins(), **(connect or {})
+    )
     terminal = Terminal(client, json_mode=json_mode)
     try:
         if interactive:

@@ -1,0 +1,185 @@
+"""The account store: one SQLite table of names and bcrypt hashes.
+
+Synchronous on purpose: the ``chat user`` commands call it directly, and the
+server calls it through :class:`AsyncUserStore`, which runs every call on one
+dedicated thread (SQLite never runs on the event loop, and one connection used
+by one thread needs no lock).
+
+The file is created on first use. Its schema version lives in ``PRAGMA
+user_version``; a file written by a newer libchat is refused rather than
+misread. WAL journaling lets ``chat user add`` write while a server reads, and
+a busy timeout makes the two wait for each other instead of failing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from libchat.errors import ChatError
+from libchat.protocol import fold
+
+T = TypeVar("T")
+
+#: The schema this code reads and writes (``PRAGMA user_version``).
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS users (
+    key     TEXT PRIMARY KEY,  -- the name folded: names are case-insensitive
+    name    TEXT NOT NULL,     -- the name as its owner spells it
+    hash    TEXT NOT NULL,     -- bcrypt hash, "$2b$12$..."
+    created REAL NOT NULL,     -- unix time
+    changed REAL NOT NULL      -- unix time of the last password change
+)
+"""
+
+#: Seconds a writer waits for another process's lock before giving up.
+BUSY_TIMEOUT = 5.0
+
+
+class StoreError(ChatError):
+    """The database cannot be opened, or holds what we cannot read."""
+
+    code = "store_error"
+
+
+class AccountExists(ChatError):
+    code = "account_exists"
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    name: str
+    hash: bytes
+
+
+class UserStore:
+    """Accounts in the SQLite file at ``path`` (``":memory:"`` for tests)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        try:
+            self._db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the user database {self.path}: {exc}") from None
+        try:
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise StoreError(f"cannot use the user database {self.path}: {exc}") from None
+        except StoreError:
+            self._db.close()
+            raise
+
+    def _migrate(self) -> None:
+        db = self._db
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")  # durable enough with WAL, much faster
+        version = int(db.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"the user database {self.path} has schema version {version}; this libchat "
+                f"reads version {SCHEMA_VERSION} (upgrade libchat)"
+            )
+        if version < SCHEMA_VERSION:
+            # BEGIN IMMEDIATE: two processes creating the file at once
+            # serialise here instead of both running the migration.
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute(_SCHEMA)
+                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    # -- reading ----------------------------------------------------------------------
+
+    def get(self, name: str) -> Account | None:
+        row = self._db.execute("SELECT name, hash FROM users WHERE key = ?", (fold(name),))
+        found = row.fetchone()
+        return None if found is None else Account(found[0], found[1].encode("ascii"))
+
+    def names(self) -> list[str]:
+        rows = self._db.execute("SELECT name FROM users ORDER BY key")
+        return [row[0] for row in rows]
+
+    def schema_version(self) -> int:
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    # -- writing ----------------------------------------------------------------------
+
+    def add(self, name: str, hashed: bytes) -> Account:
+        """Create an account; AccountExists if the name (in any case) is taken."""
+        now = time.time()
+        try:
+            self._db.execute(
+                "INSERT INTO users (key, name, hash, created, changed) VALUES (?, ?, ?, ?, ?)",
+                (fold(name), name, hashed.decode("ascii"), now, now),
+            )
+        except sqlite3.IntegrityError:
+            raise AccountExists(f"user {name!r} already exists") from None
+        return Account(name, hashed)
+
+    def set_hash(self, name: str, hashed: bytes) -> bool:
+        """Change a password hash; False if there is no such account."""
+        cursor = self._db.execute(
+            "UPDATE users SET hash = ?, changed = ? WHERE key = ?",
+            (hashed.decode("ascii"), time.time(), fold(name)),
+        )
+        return cursor.rowcount > 0
+
+    def remove(self, name: str) -> bool:
+        """Delete an account; False if there was none."""
+        cursor = self._db.execute("DELETE FROM users WHERE key = ?", (fold(name),))
+        return cursor.rowcount > 0
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class AsyncUserStore:
+    """A :class:`UserStore` used from asyncio: every call runs on one
+    dedicated thread, which owns the SQLite connection."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="libchat-auth-db")
+        self._store: UserStore | None = None
+
+    async def _run(self, func: Callable[..., T], *args: object) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(func, *args))
+
+    @property
+    def store(self) -> UserStore:
+        if self._store is None:
+            raise StoreError("the user database is not open")
+        return self._store
+
+    async def open(self) -> None:
+        try:
+            self._store = await self._run(UserStore, self.path)
+        except BaseException:
+            self._executor.shutdown(wait=False)
+            raise
+
+    async def get(self, name: str) -> Account | None:
+        return await self._run(self.store.get, name)
+
+    async def add(self, name: str, hashed: bytes) -> Account:
+        return await self._run(self.store.add, name, hashed)
+
+    async def close(self) -> None:
+        if self._store is not None:
+            store, self._store = self._store, None
+            await self._run(store.close)
+        self._executor.shutdown(wait=False)

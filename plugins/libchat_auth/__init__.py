@@ -107,6 +107,16 @@ async def libchat_authenticate(server: Server, hello: dict[str, Any], peer: str)
 
 
 @hookimpl
+async def libchat_account_exists(server: Server, name: str) -> bool | None:
+    """Accounts are what the user store holds (the dm plugin keeps private
+    messages for offline accounts)."""
+    auth = _running.get(server)
+    if auth is None:
+        return None
+    return await auth.store.get(name) is not None
+
+
+@hookimpl
 def libchat_register_commands(cli: click.Group) -> None:
     from .commands import user
 

@@ -6,6 +6,12 @@ is coalesced: frames sent during one loop iteration go out in a single
 20-35x cheaper under broadcast). The send queue is bounded: a peer that stops
 reading is cut off once ``max_send_queue`` bytes wait for it, so it can never
 make the server buffer without end.
+
+Closing is a "lingering close", as HTTP servers do it: queued frames go out,
+then our side of the stream ends (FIN) and whatever the peer still sends is
+read and thrown away for a moment. Closing a socket with unread input makes
+the kernel send a reset, which can destroy the error frame that explains the
+close before the peer reads it.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from .errors import ConnectionClosed
 from .protocol import Frame, FrameDecoder, encode_frame
 
 READ_SIZE = 64 * 1024
+#: Longest a close waits for the peer to finish sending (its input is discarded).
+LINGER = 1.0
 
 
 def set_nodelay(writer: asyncio.StreamWriter) -> None:
@@ -49,12 +57,15 @@ class Connection:
         *,
         max_frame_size: int | None = 1 << 20,
         max_send_queue: int | None = None,
+        linger: float = LINGER,
     ) -> None:
         self.reader = reader
         self.writer = writer
         self.transport = writer.transport
         self.decoder = FrameDecoder(max_frame_size=max_frame_size)
         self.max_send_queue = max_send_queue
+        #: seconds :meth:`close` lets the peer finish sending; 0: no lingering
+        self.linger = linger
         self.peer = peer_name(writer)
         self.address = self.peer.rsplit(":", 1)[0].strip("[]")
         self._loop = asyncio.get_running_loop()
@@ -62,7 +73,11 @@ class Connection:
         self._pending: list[bytes] = []
         self._pending_size = 0
         self._flush_handle: asyncio.Handle | None = None
+        self._reading = False
+        #: loop time of the last sign of life from the peer (keepalive)
         self.last_received = self._loop.time()
+        #: the most bytes ever waiting for this peer at once
+        self.peak_queued = 0
         self.closed = False
         self.close_reason = ""
         set_nodelay(writer)
@@ -73,17 +88,29 @@ class Connection:
         """The next frame; raises ConnectionClosed at end of stream and
         ProtocolError on bad bytes."""
         frames = self._frames
-        while not frames:
+        while True:
+            if self.closed:
+                # A dropped peer is done: frames it sent before are not acted
+                # on, and close() may be reading (lingering) itself.
+                raise ConnectionClosed(self.close_reason or "connection closed")
+            if frames:
+                break
+            self._reading = True
             try:
                 data = await self.reader.read(READ_SIZE)
             except (ConnectionError, OSError) as exc:
                 raise ConnectionClosed(f"connection lost: {exc}") from None
+            finally:
+                self._reading = False
             if not data:
                 if self.decoder.buffered:
                     raise ConnectionClosed("connection closed in the middle of a frame")
                 raise ConnectionClosed(self.close_reason or "connection closed by peer")
-            self.last_received = self._loop.time()
             frames.extend(self.decoder.feed(data))
+        # Stamped per frame, not per read: while we still work through a
+        # backlog (slowed by the rate limit), the peer's answer to a ping
+        # waits behind it, so the peer is not silent.
+        self.last_received = self._loop.time()
         return frames.popleft()
 
     # -- writing ----------------------------------------------------------------------
@@ -98,15 +125,23 @@ class Connection:
     def send_bytes(self, data: bytes) -> None:
         """Queue encoded frame bytes; they leave at the end of this loop
         iteration together with anything else queued meanwhile. Never blocks.
-        Past ``max_send_queue`` the connection is aborted."""
+
+        Once more than ``max_send_queue`` bytes wait for the peer, the next
+        frame aborts the connection instead ("send queue exceeded"): no more
+        than the limit plus one frame ever waits, and a peer that keeps up is
+        never dropped for one frame larger than the limit."""
         if self.closed:
             return
-        self._pending.append(data)
-        self._pending_size += len(data)
+        waiting = self._pending_size + self.transport.get_write_buffer_size()
         limit = self.max_send_queue
-        if limit and self._pending_size + self.transport.get_write_buffer_size() > limit:
+        if limit and waiting > limit:
             self.abort("send queue exceeded")
             return
+        queued = waiting + len(data)
+        self._pending.append(data)
+        self._pending_size += len(data)
+        if queued > self.peak_queued:
+            self.peak_queued = queued
         if self._flush_handle is None:
             self._flush_handle = self._loop.call_soon(self._flush)
 
@@ -139,24 +174,48 @@ class Connection:
     # -- closing ----------------------------------------------------------------------
 
     async def close(self, reason: str = "", *, timeout: float = 2.0) -> None:
-        """Send what is queued, then close; give the peer ``timeout`` seconds
-        to take it before the connection is cut. Idempotent."""
+        """Send what is queued, end our side, let the peer finish, then
+        close; cut the connection if that takes over ``timeout`` seconds.
+        Idempotent."""
         if self.closed:
             return
-        with contextlib.suppress(ConnectionClosed):
-            if self._flush_handle is not None:
-                self._flush_handle.cancel()
-                self._flush()
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush()
         self.closed = True
         self.close_reason = self.close_reason or reason
-        with contextlib.suppress(Exception):
-            self.writer.close()
+        deadline = self._loop.time() + timeout
         try:
-            await asyncio.wait_for(self.writer.wait_closed(), timeout)
-        except (TimeoutError, ConnectionError, OSError):
-            self.transport.abort()
-        except Exception:  # ssl errors on a broken TLS peer and the like
-            self.transport.abort()
+            with contextlib.suppress(Exception):  # the peer may be gone already
+                await self._linger(min(timeout, self.linger))
+            with contextlib.suppress(Exception):
+                self.writer.close()
+            left = max(deadline - self._loop.time(), 0)
+            try:
+                await asyncio.wait_for(self.writer.wait_closed(), left)
+            except Exception:  # timeout, connection or ssl errors on a broken peer
+                self.transport.abort()
+        except asyncio.CancelledError:
+            self.transport.abort()  # never leave the socket open behind us
+            raise
+
+    async def _linger(self, timeout: float) -> None:
+        """Half-close, then discard input until the peer closes too (or
+        ``timeout``). Skipped where it cannot work: TLS has no half-close,
+        and a task blocked in :meth:`recv` owns the reader (it will see the
+        peer's close itself)."""
+        transport = self.transport
+        if timeout <= 0 or self._reading or transport.is_closing():
+            return
+        if not transport.can_write_eof():  # TLS
+            return
+        transport.write_eof()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._discard_input(), timeout)
+
+    async def _discard_input(self) -> None:
+        while await self.reader.read(READ_SIZE):
+            pass
 
     def abort(self, reason: str) -> None:
         """Cut the connection now, dropping anything queued."""

@@ -10,11 +10,14 @@ fire-and-forget send and stays synchronous on the hot path.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from typing import Protocol
 
 from .errors import NameInUse
 from .protocol import fold
+
+log = logging.getLogger("libchat.server")
 
 
 class Member(Protocol):
@@ -58,6 +61,17 @@ class Hub(Protocol):
 
     async def online(self, name: str) -> str | None:
         """The name as its holder spells it, or ``None`` if offline."""
+
+
+def _deliver(member: Member, data: bytes) -> int:
+    """Queue ``data`` for one member; a member that fails is logged and
+    skipped, so one broken connection never costs the others a message."""
+    try:
+        member.deliver(data)
+    except Exception:
+        log.exception("delivery to %r failed", member)
+        return 0
+    return 1
 
 
 class LocalHub:
@@ -120,19 +134,16 @@ class LocalHub:
         if entry is None:
             return 0
         count = 0
-        for member in entry[1]:
+        for member in list(entry[1]):  # a delivery may end a session
             if member is not exclude:
-                member.deliver(data)
-                count += 1
+                count += _deliver(member, data)
         return count
 
     async def send_to_user(self, name: str, data: bytes) -> int:
         entry = self._users.get(fold(name))
         if entry is None:
             return 0
-        for member in entry[0]:
-            member.deliver(data)
-        return len(entry[0])
+        return sum(_deliver(member, data) for member in list(entry[0]))
 
     async def members(self, room: str) -> list[str] | None:
         entry = self._rooms.get(fold(room))

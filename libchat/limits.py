@@ -19,11 +19,13 @@ class Limits:
     max_message_bytes: int = 8192
     #: Seconds a new connection has to complete its hello (slowloris guard).
     handshake_timeout: float = 10.0
-    #: Seconds of silence from a peer before the server pings it.
+    #: Seconds of silence from a peer before the server pings it; 0: no pings.
     ping_interval: float = 30.0
-    #: Seconds to wait for any data after a ping before dropping the peer.
+    #: Seconds to wait for any data after a ping before dropping the peer;
+    #: 0: ping, but never drop.
     ping_timeout: float = 20.0
-    #: Bytes that may wait in one session's send queue before it is dropped.
+    #: Bytes that may wait to be sent to one session; once more wait, the next
+    #: frame for it drops it ("send queue exceeded").
     max_send_queue: int = 1 << 20
     #: Messages per second per connection (token bucket); 0 disables.
     rate: float = 50.0

@@ -10,7 +10,8 @@ Lifecycle, in a fixed order: ``start()`` runs the startup hooks, collects
 plugin commands and frame types (registration is frozen from then on) and
 starts listening. ``close()`` stops accepting, tells every client, closes
 their connections, waits for their sessions to end, then runs the shutdown
-hooks. ``close()`` is idempotent.
+hooks, all within its ``timeout``. ``close()`` is idempotent, and a second
+(or concurrent) call returns only once the first one has finished.
 """
 
 from __future__ import annotations
@@ -74,7 +75,9 @@ class Server:
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
         self._keepalive: asyncio.Task[None] | None = None
+        #: set when serving ends (close() done); serve_forever waits for it
         self._closing: asyncio.Future[None] | None = None
+        self._close_task: asyncio.Task[None] | None = None
         self._mids = itertools.count(1)
         self._epoch = os.urandom(4).hex()
 
@@ -84,6 +87,8 @@ class Server:
         """Run startup hooks, freeze registration, start listening."""
         if self._server is not None:
             return
+        if self._close_task is not None:
+            raise RuntimeError("this server was closed; make a new one")
         await call_async(self.pm.hook.libchat_startup, server=self)
         self._collect_extensions()
         self._server = await asyncio.start_server(
@@ -141,27 +146,48 @@ class Server:
             await asyncio.shield(self._closing)
 
     async def close(self, reason: str = "server shutting down", *, timeout: float = 5.0) -> None:
-        """Stop accepting, tell clients, close them, run shutdown hooks."""
-        if self._server is None:
-            return
+        """Stop accepting, tell clients, close them, run shutdown hooks.
+
+        Sessions get ``timeout`` seconds in all to say goodbye and clean up;
+        those still running then are cancelled. Idempotent: every call
+        returns once the shutdown is complete."""
+        if self._close_task is None:
+            if self._server is None:
+                return  # never started
+            self._close_task = asyncio.create_task(
+                self._shutdown(reason, timeout), name="libchat-shutdown"
+            )
+        await asyncio.shield(self._close_task)
+
+    async def _shutdown(self, reason: str, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
         if self._closing is None:
-            self._closing = asyncio.get_running_loop().create_future()
-        elif self._closing.done():
-            return
+            self._closing = loop.create_future()
+        deadline = loop.time() + timeout
         server, self._server = self._server, None
+        assert server is not None
         server.close()
         if self._keepalive is not None:
             self._keepalive.cancel()
+            await asyncio.gather(self._keepalive, return_exceptions=True)
         log.info("shutting down: %s", reason)
+        # Each goodbye is cut short at the deadline: a peer that does not
+        # read cannot hold the shutdown up.
         await asyncio.gather(
-            *(s.close(reason) for s in list(self.sessions)), return_exceptions=True
+            *(s.close(reason, timeout=timeout) for s in list(self.sessions)),
+            return_exceptions=True,
         )
         if self._tasks:
-            _done, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+            left = max(deadline - loop.time(), 0)
+            _done, pending = await asyncio.wait(set(self._tasks), timeout=left)
             for task in pending:
                 task.cancel()
+            if pending:
+                # Cancelled sessions still close their sockets on the way out.
+                await asyncio.wait(pending, timeout=1.0)
         await call_each(self.pm.hook.libchat_shutdown, server=self)
-        self._closing.set_result(None)
+        if not self._closing.done():
+            self._closing.set_result(None)
 
     async def __aenter__(self) -> Server:
         await self.start()
@@ -216,16 +242,13 @@ class Server:
         try:
             await session.run()
         finally:
+            self.forget(session)
             self._tasks.discard(task)
-            count = self._per_address[conn.address] - 1
-            if count:
-                self._per_address[conn.address] = count
-            else:
-                del self._per_address[conn.address]
 
     def _admit(self, address: str) -> None:
         limits = self.limits
-        if self._closing is not None and self._closing.done():
+        if self._close_task is not None:
+            # accepted just before the listener closed
             raise TooManyConnections("server shutting down")
         if limits.max_connections and len(self.sessions) >= limits.max_connections:
             raise TooManyConnections(f"server full ({limits.max_connections} connections)")
@@ -236,7 +259,18 @@ class Server:
         self._per_address[address] = count + 1
 
     def forget(self, session: Session) -> None:
+        """Drop a session from the books and free its connection slot; the
+        session calls this as its cleanup begins, so its slot is free before
+        its peer sees the connection close. Idempotent."""
+        if session not in self.sessions:
+            return
         self.sessions.discard(session)
+        address = session.conn.address
+        count = self._per_address.get(address, 0) - 1
+        if count > 0:
+            self._per_address[address] = count
+        else:
+            self._per_address.pop(address, None)
 
     # -- keepalive --------------------------------------------------------------------
 
@@ -245,26 +279,34 @@ class Server:
         interval, timeout = self.limits.ping_interval, self.limits.ping_timeout
         if interval <= 0:
             return
-        tick = min(max(min(interval, timeout) / 4, 0.05), 5.0)
+        shortest = min(interval, timeout) if timeout > 0 else interval
+        tick = min(max(shortest / 4, 0.05), 5.0)
         loop = asyncio.get_running_loop()
         ping = encode_frame({"type": "ping"})
         while True:
             await asyncio.sleep(tick)
             now = loop.time()
             for session in list(self.sessions):
-                if session.state is not State.OPEN:
-                    continue
-                conn = session.conn
-                if session.ping_sent is not None:
-                    if conn.last_received >= session.ping_sent:
-                        session.ping_sent = None
-                    elif now - session.ping_sent >= timeout:
-                        log.info("%r: ping timeout", session)
-                        conn.abort("ping timeout")
-                    continue
-                if now - conn.last_received >= interval:
-                    session.ping_sent = now
-                    conn.send_bytes(ping)
+                try:
+                    self._keep_alive(session, now, ping)
+                except Exception:  # one broken session must not stop the timer
+                    log.exception("keepalive failed for %r", session)
+
+    def _keep_alive(self, session: Session, now: float, ping: bytes) -> None:
+        if session.state is not State.OPEN:
+            return  # the handshake timeout watches those
+        interval, timeout = self.limits.ping_interval, self.limits.ping_timeout
+        conn = session.conn
+        if session.ping_sent is not None:
+            if conn.last_received >= session.ping_sent:
+                session.ping_sent = None  # any sign of life answers a ping
+            elif timeout > 0 and now - session.ping_sent >= timeout:
+                log.info("%r: ping timeout", session)
+                conn.abort("ping timeout")
+            return
+        if now - conn.last_received >= interval:
+            session.ping_sent = now
+            conn.send_bytes(ping)
 
     # -- helpers for sessions and plugins -----------------------------------------------
 

@@ -92,6 +92,7 @@ class Session:
         #: scratch space for plugins, keyed by plugin name
         self.data: dict[str, Any] = {}
         self.ping_sent: float | None = None
+        self._attached = False
         limits = server.limits
         self._bucket = TokenBucket(limits.rate, limits.rate_burst) if limits.rate > 0 else None
 
@@ -135,10 +136,20 @@ class Session:
         except ChatError as exc:
             reason = exc.message
             log.info("closing %r: %s", self, exc.message)
-            self._send_error(exc, None)
-            self.send({"type": "bye", "reason": exc.message})
+            self._goodbye(exc)
+        except Exception:
+            # A bug (ours or a plugin's, in the handshake): this connection
+            # ends with an error it can show; the server and the others go on.
+            log.exception("session %r failed", self)
+            error = InternalError("the server failed to handle this connection")
+            reason = error.message
+            self._goodbye(error)
         finally:
             await self._cleanup(reason)
+
+    def _goodbye(self, error: ChatError) -> None:
+        self._send_error(error, None)
+        self.send({"type": "bye", "reason": error.message})
 
     async def _handshake(self) -> None:
         try:
@@ -163,6 +174,7 @@ class Session:
         self.authenticated = granted is not None
         self.name = check_nick(granted) if granted is not None else wanted
         await self.server.hub.attach(self, shared=self.authenticated)
+        self._attached = True
         self.state = State.OPEN
         self.send(self.server.welcome(self))
         await self._join(room, None)
@@ -183,7 +195,8 @@ class Session:
                 result = handler(self, frame)
                 if inspect.isawaitable(result):
                     await result
-            except (_Quit, ConnectionClosed):
+            except (_Quit, ConnectionClosed, ProtocolError):
+                # A protocol violation ends the connection, not just the request.
                 raise
             except ChatError as exc:
                 self._send_error(exc, frame.header.get("id"))
@@ -197,23 +210,29 @@ class Session:
         header = exc.to_header(request_id if isinstance(request_id, str | int) else None)
         self.send(header)
 
-    async def close(self, reason: str) -> None:
-        """Say goodbye and close; the session's own task then cleans up."""
+    async def close(self, reason: str, *, timeout: float = 2.0) -> None:
+        """Say goodbye and close (cut off after ``timeout`` seconds if the
+        peer does not take the goodbye); the session's own task then cleans
+        up."""
         if self.state is State.OPEN:
             self.send({"type": "notice", "text": reason})
         self.send({"type": "bye", "reason": reason})
-        await self.conn.close(reason)
+        await self.conn.close(reason, timeout=timeout)
 
     async def _cleanup(self, reason: str) -> None:
         was_open = self.state is State.OPEN
         self.state = State.CLOSED
         self.server.forget(self)
-        if self.name:
-            rooms = await self.server.hub.detach(self)
-            self.rooms.clear()
-            for room in rooms:
-                self.server.hub.publish(room, self._presence(room, "left", reason))
-        await self.conn.close(reason)
+        try:
+            if self._attached:
+                self._attached = False
+                rooms = await self.server.hub.detach(self)
+                self.rooms.clear()
+                for room in rooms:
+                    self.server.hub.publish(room, self._presence(room, "left", reason))
+        finally:
+            # Whatever the hub does, the socket is not left behind.
+            await self.conn.close(reason)
         if was_open:
             log.info("%s (%s) left: %s", self.name, self.peer, reason)
             await call_each(self.server.pm.hook.libchat_session_closed, session=self, reason=reason)
@@ -229,8 +248,10 @@ class Session:
     def room_of(self, request: dict[str, Any]) -> str:
         """The room a request names, as shown; the session must be in it."""
         room = request.get("room")
-        if not isinstance(room, str):
+        if room is None:
             raise BadRequest("'room' is missing")
+        if not isinstance(room, str):
+            raise BadRequest("'room' must be a string")
         shown = self.rooms.get(fold(room))
         if shown is None:
             raise NotFound(f"you are not in room {room!r}", room=room)

@@ -49,9 +49,9 @@ class Hub(Protocol):
         """Deliver ``data`` to every member of ``room`` but ``exclude``;
         return how many local members it was queued for."""
 
-    async def send_to_user(self, name: str, data: bytes) -> int:
-        """Deliver ``data`` to every connection of user ``name``; return how
-        many received it (0: offline)."""
+    async def send_to_user(self, name: str, data: bytes, exclude: Member | None = None) -> int:
+        """Deliver ``data`` to every connection of user ``name`` but
+        ``exclude``; return how many received it (0: offline)."""
 
     async def members(self, room: str) -> list[str] | None:
         """Names in ``room``, sorted; ``None`` if there is no such room."""
@@ -139,11 +139,11 @@ class LocalHub:
                 count += _deliver(member, data)
         return count
 
-    async def send_to_user(self, name: str, data: bytes) -> int:
+    async def send_to_user(self, name: str, data: bytes, exclude: Member | None = None) -> int:
         entry = self._users.get(fold(name))
         if entry is None:
             return 0
-        return sum(_deliver(member, data) for member in list(entry[0]))
+        return sum(_deliver(member, data) for member in list(entry[0]) if member is not exclude)
 
     async def members(self, room: str) -> list[str] | None:
         entry = self._rooms.get(fold(room))

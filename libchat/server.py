@@ -17,7 +17,6 @@ hooks, all within its ``timeout``. ``close()`` is idempotent, and a second
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import os
@@ -31,7 +30,14 @@ from .connection import Connection
 from .errors import ChatError, TooManyConnections
 from .hub import Hub, LocalHub
 from .limits import Limits
-from .plugins import PluginSpec, call_async, call_each, make_plugin_manager, plugin_names
+from .plugins import (
+    InvalidPlugin,
+    PluginSpec,
+    call_async,
+    call_each,
+    make_plugin_manager,
+    plugin_names,
+)
 from .protocol import NICK_RULE, PROTOCOL_VERSION, ROOM_RULE, encode_frame
 from .session import Session, State
 
@@ -90,7 +96,7 @@ class Server:
         if self._close_task is not None:
             raise RuntimeError("this server was closed; make a new one")
         await call_async(self.pm.hook.libchat_startup, server=self)
-        self._collect_extensions()
+        await self._collect_extensions()
         self._server = await asyncio.start_server(
             self._accept,
             self.host,
@@ -102,7 +108,7 @@ class Server:
         self._keepalive = asyncio.create_task(self._keepalive_loop(), name="libchat-keepalive")
         log.info("listening on %s", ", ".join(self.addresses))
 
-    def _collect_extensions(self) -> None:
+    async def _collect_extensions(self) -> None:
         core: dict[str, FrameHandler] = {
             kind: getattr(Session, "on_" + kind)
             for kind in (
@@ -119,18 +125,19 @@ class Server:
             )
         }
         self.handlers = dict(core)
-        for extra in self.pm.hook.libchat_frame_handlers(server=self):
+        hook = self.pm.hook
+        for extra in await call_async(hook.libchat_frame_handlers, server=self):
             for kind, handler in extra.items():
                 if kind in self.handlers:
-                    raise ValueError(f"frame type {kind!r} is registered twice")
+                    raise InvalidPlugin(f"frame type {kind!r} is registered twice")
                 self.handlers[kind] = handler
-        for commands in self.pm.hook.libchat_commands(server=self):
+        for commands in await call_async(hook.libchat_commands, server=self):
             for command in commands:
                 name = command.name.lower()
                 if name in self.commands or name in CORE_COMMANDS:
-                    raise ValueError(f"command /{name} is registered twice")
+                    raise InvalidPlugin(f"command /{name} is registered twice")
                 self.commands[name] = command
-        for extra_limits in self.pm.hook.libchat_limits(server=self):
+        for extra_limits in await call_async(hook.libchat_limits, server=self):
             self.extra_limits.update(extra_limits)
         # Skip the message hook entirely when no plugin implements it: the hot
         # path then costs nothing for plugins that are not there.
@@ -142,8 +149,9 @@ class Server:
         assert self._closing is None or not self._closing.done()
         if self._closing is None:
             self._closing = asyncio.get_running_loop().create_future()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.shield(self._closing)
+        # Shielded: cancelling serve_forever must not resolve the future that
+        # every close() call waits on.
+        await asyncio.shield(self._closing)
 
     async def close(self, reason: str = "server shutting down", *, timeout: float = 5.0) -> None:
         """Stop accepting, tell clients, close them, run shutdown hooks.

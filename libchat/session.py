@@ -190,6 +190,11 @@ class Session:
                 await self.throttle()
             handler = handlers.get(kind)
             try:
+                request_id = frame.header.get("id")
+                if request_id is not None and (
+                    isinstance(request_id, bool) or not isinstance(request_id, str | int)
+                ):
+                    raise BadRequest("'id' must be a string or an integer")
                 if handler is None:
                     raise BadRequest(f"unknown frame type {kind!r}")
                 result = handler(self, frame)
@@ -288,7 +293,11 @@ class Session:
             check_text(message.get("text"), self.server.limits.max_message_bytes)
         message["ts"] = round(time.time(), 3)
         message["mid"] = mid = self.server.next_mid()
-        self.server.hub.publish(room, encode_frame(message), exclude=self)
+        try:
+            data = encode_frame(message)
+        except ValueError:  # control characters escape to 6 bytes each in JSON
+            raise BadRequest("message too long once encoded; send less text") from None
+        self.server.hub.publish(room, data, exclude=self)
         self.reply(request, mid=mid, ts=message["ts"])
 
     async def on_join(self, frame: Frame) -> None:
@@ -310,7 +319,8 @@ class Session:
         members = await self.server.hub.members(room)
         if members is None:
             raise NotFound(f"no room {room!r}", room=room)
-        self.reply(request, room=room, members=members)
+        # A member gets the room's own spelling back, as join answers.
+        self.reply(request, room=self.rooms.get(fold(room), room), members=members)
 
     async def on_rooms(self, frame: Frame) -> None:
         rooms = await self.server.hub.rooms()

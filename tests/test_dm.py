@@ -16,7 +16,6 @@ import pytest
 import libchat
 from conftest import WAIT, ServerProcess, chat_command, connect, run_chat, running_server
 from libchat.errors import RemoteError
-from libchat.hub import LocalHub, Member
 from libchat.protocol import fold
 from libchat.session import RATE_LIMITED
 
@@ -61,18 +60,6 @@ class Accounts:
     async def libchat_account_exists(self, name: str) -> bool:
         await self.gate.wait()
         return fold(name) in self.known
-
-
-class ExcludingHub(LocalHub):
-    """LocalHub with the ``exclude`` argument on send_to_user that the dm
-    plugin uses for the sender's other devices (proposed for libchat.hub)."""
-
-    async def send_to_user(self, name: str, data: bytes, exclude: Member | None = None) -> int:
-        entry = self._users.get(fold(name))
-        members = [m for m in (entry[0] if entry else []) if m is not exclude]
-        for member in members:
-            member.deliver(data)
-        return len(members)
 
 
 async def login(server: libchat.Server, user: str) -> libchat.Client:
@@ -127,7 +114,7 @@ async def test_msg_command_replies_with_a_line_to_print(dm_server: libchat.Serve
 
 
 async def test_every_connection_of_recipient_and_sender_devices() -> None:
-    async with running_server(plugins=["dm", Accounts()], hub=ExcludingHub()) as server:
+    async with running_server(plugins=["dm", Accounts()]) as server:
         alice1, alice2 = await login(server, "alice"), await login(server, "alice")
         bob1, bob2 = await login(server, "bob"), await login(server, "bob")
         carol = await connect(server, "carol")

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 import libchat
-from conftest import connect, next_of, running_server
+from conftest import FAST, connect, next_of, running_server
 from libchat.errors import RemoteError
 
 
@@ -101,3 +101,76 @@ async def test_welcome_announces_limits_and_plugins() -> None:
         assert limits["max_message_bytes"] >= 4096
         assert "dm" in alice.welcome["plugins"]
         await alice.quit()
+
+
+async def test_request_ids_must_be_strings_or_integers(server: libchat.Server) -> None:
+    alice = await connect(server, "alice")
+    await next_of(alice, libchat.Presence, user="alice")
+    for bad in ([1], {"a": 1}, True, 1.5):
+        await alice.send_frame({"type": "rooms", "id": bad})
+        error = await next_of(alice, libchat.ErrorEvent)
+        assert error.code == "bad_request" and "'id'" in error.message
+    assert await alice.list_rooms() == [("lobby", 1)]  # the connection stays usable
+    await alice.quit()
+
+
+async def test_text_that_escapes_past_the_header_limit_is_refused() -> None:
+    limits = libchat.Limits(max_message_bytes=60_000, max_connections_per_address=0)
+    async with running_server(limits=limits) as server:
+        alice = await connect(server, "alice")
+        bob = await connect(server, "bob")
+        with pytest.raises(RemoteError) as err:
+            # The client's own frame fits in 64 KiB of JSON; the delivered frame,
+            # with the server's stamps added, would not.
+            await alice.send("\x01" * 10_910, wait=True)
+        assert err.value.remote_code == "bad_request"
+        await alice.send("still here", wait=True)
+        message = await next_of(bob, libchat.Message)
+        assert message.text == "still here"
+        await alice.quit()
+        await bob.quit()
+
+
+async def test_who_answers_with_the_rooms_own_spelling(server: libchat.Server) -> None:
+    alice = await connect(server, "alice")
+    await alice.join("Dev")
+    assert alice.room == "Dev"
+    reply = await alice.request({"type": "who", "room": "DEV"})
+    assert reply["room"] == "Dev" and reply["members"] == ["alice"]
+    await alice.quit()
+
+
+async def test_async_registration_hooks() -> None:
+    class Plugin:
+        @libchat.hookimpl
+        async def libchat_commands(self, server: libchat.Server) -> list[libchat.Command]:
+            return [libchat.Command("ping2", lambda s, args, req: s.reply(req, text="pong2"))]
+
+        @libchat.hookimpl
+        async def libchat_limits(self, server: libchat.Server) -> dict[str, int]:
+            return {"max_widgets": 3}
+
+    async with running_server(plugins=[Plugin()]) as server:
+        alice = await connect(server, "alice")
+        assert alice.welcome["limits"]["max_widgets"] == 3
+        assert (await alice.command("ping2"))["text"] == "pong2"
+        await alice.quit()
+
+
+async def test_serve_forever_returns_when_closed_and_propagates_cancel() -> None:
+    server = libchat.Server("127.0.0.1", 0, limits=FAST)
+    await server.start()
+    serving = asyncio.create_task(server.serve_forever())
+    alice = await connect(server, "alice")
+    await server.close()
+    await asyncio.wait_for(serving, 5)
+    await alice.close()
+
+    other = libchat.Server("127.0.0.1", 0, limits=FAST)
+    await other.start()
+    task = asyncio.create_task(other.serve_forever())
+    await asyncio.sleep(0)  # let it start waiting
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await other.close()

@@ -807,3 +807,20 @@ def test_docs_show_the_whole_example_verbatim() -> None:
         if line.strip() and line not in shown and not line.startswith("# -- ")
     ]
     assert not missing, f"docs/plugins.md leaves out lines of the example: {missing}"
+
+
+def test_a_plugin_failing_to_add_commands_leaves_the_others_working(tmp_path: Path) -> None:
+    module = tmp_path / "src" / "libchat_broken.py"
+    module.parent.mkdir()
+    module.write_text(
+        "import libchat\n\n"
+        "@libchat.hookimpl\n"
+        "def libchat_register_commands(cli):\n"
+        "    raise RuntimeError('boom')\n"
+    )
+    _install_fake(tmp_path, "libchat_broken", "broken = libchat_broken", module)
+    result = run_chat("--help", env=_env_with(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "serve" in result.stdout and "join" in result.stdout
+    assert "libchat_broken could not add its commands: boom" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -24,6 +24,7 @@ import libchat
 from libchat import ChatError, Limits, Server, tls
 from libchat.plugins import installed_plugins, make_plugin_manager
 
+from .bench import bench
 from .options import Security, login, run_logged_in, security_options
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -349,16 +350,29 @@ def list_plugins() -> None:
         click.echo(f"{name:<12} {entry_point.value:<24} {summary}")
 
 
+cli.add_command(bench)
+
+
 # -- plugin commands ----------------------------------------------------------------
 
 
+_plugin_commands_added = False
+
+
 def build_cli() -> click.Group:
-    """The ``chat`` group with every installed plugin's commands added."""
-    pm = make_plugin_manager()
+    """The ``chat`` group with every installed plugin's commands added (once
+    per process). A plugin that fails here is reported and left out; the
+    other commands still work."""
+    global _plugin_commands_added
+    if _plugin_commands_added:
+        return cli
+    _plugin_commands_added = True
     for plugin in _client_plugins():
-        if not pm.is_registered(plugin):
-            pm.register(plugin)
-    pm.hook.libchat_register_commands(cli=cli)
+        try:
+            make_plugin_manager([plugin]).hook.libchat_register_commands(cli=cli)
+        except Exception as exc:
+            name = getattr(plugin, "__name__", type(plugin).__name__)
+            click.echo(f"warning: plugin {name} could not add its commands: {exc}", err=True)
     return cli
 
 

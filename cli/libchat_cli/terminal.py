@@ -9,19 +9,27 @@ Two faces over one command loop:
   is a command; each event is printed as one flushed line (``--json``: one
   JSON object), errors go to stderr.
 
-``quit``, ``/quit`` or end of input leave cleanly.
+``quit``, ``/quit``, end of input (Ctrl-D) leave cleanly with status 0; a
+session the server ends (shutdown, drop) exits with status 1.
 """
 
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
+import inspect
+import io
+import os
+import re
+import select
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from libchat import Client, ConnectionClosed, RemoteError
+from libchat import ChatError, Client, ClientCommand, ConnectionClosed
+from libchat.errors import UnknownCommand
 from libchat.events import ErrorEvent, Event
 from libchat.server import CORE_COMMANDS
 
@@ -38,9 +46,20 @@ HELP = {
 }
 assert set(HELP) == set(CORE_COMMANDS)
 
+#: Lines of stdin read ahead of the network: a huge input file is read no
+#: faster than it is sent, so memory stays bounded.
+STDIN_BACKLOG = 64
+
+# A paste of several lines arrives as one input: each line is sent on its own.
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
 
 class Quit(Exception):
     """The user asked to leave."""
+
+
+class OutputClosed(Exception):
+    """Whoever read our stdout went away (``chat join | head -3``)."""
 
 
 class Terminal:
@@ -60,6 +79,8 @@ class Terminal:
         self.err = err or _print_err
         self.quit_requested = False
         self.bye_shown = False
+        self.output_closed = False
+        self.local_commands = _local_commands(client)
 
     # -- output -----------------------------------------------------------------------
 
@@ -80,13 +101,19 @@ class Terminal:
         self.out(as_json(header) if self.json_mode else text)
 
     async def print_events(self) -> None:
-        async for event in self.client:
-            self.show_event(event)
+        """Print every event until the connection ends (or stdout does)."""
+        try:
+            async for event in self.client:
+                self.show_event(event)
+        except OutputClosed:
+            self.output_closed = True
 
     # -- input ------------------------------------------------------------------------
 
     async def handle_line(self, line: str) -> None:
-        """Run one line of input; raise Quit to leave. Errors are printed."""
+        """Run one line of input; raise Quit to leave, ConnectionClosed when
+        the connection is gone. Every other error is printed and the client
+        goes on."""
         line = line.rstrip("\r\n")
         if line.strip() == "quit":
             raise Quit("quit")
@@ -97,14 +124,29 @@ class Terminal:
                 await self.command(line[1:])
             else:
                 await self.client.send(line[1:] if line.startswith("//") else line)
-        except RemoteError as exc:
+        except ConnectionClosed:
+            raise
+        except ChatError as exc:  # refused by the server, a bad name, a timeout
             self.err(f"error: {clean(exc.message)}")
-        except ValueError as exc:
-            self.err(f"error: {exc}")
+        except ValueError as exc:  # a usage mistake caught before sending
+            self.err(f"error: {clean(str(exc))}")
 
     async def command(self, text: str) -> None:
         name, _, args = text.partition(" ")
         name, args = name.lower(), args.strip()
+        if name in CORE_COMMANDS:
+            await self.core_command(name, args)
+        elif name in self.local_commands:
+            await self.local_command(self.local_commands[name], args)
+        elif self.knows_server_commands() and name not in self.server_commands():
+            available = ", ".join("/" + n for n in self.command_names())
+            raise UnknownCommand(f"unknown command /{name}; available: {available}")
+        else:
+            reply = await self.client.command(name, args)
+            if reply.get("text"):
+                self.info(reply, clean(str(reply["text"])))
+
+    async def core_command(self, name: str, args: str) -> None:
         client = self.client
         if name == "quit":
             raise Quit(args or "quit")
@@ -112,23 +154,15 @@ class Terminal:
             if not args:
                 raise ValueError("usage: /join ROOM")
             members = await client.join(args)
-            room = client.room or args
-            self.info(
-                {"type": "members", "room": room, "members": members},
-                f"[{room}] members: {', '.join(members)}",
-            )
+            self.show_members(client.room or args, members)
         elif name == "part":
             await client.part(args or None)
         elif name == "who":
             room = args or client.room or ""
-            members = await client.who(room or None)
-            self.info(
-                {"type": "members", "room": room, "members": members},
-                f"[{room}] members: {', '.join(members)}",
-            )
+            self.show_members(room, await client.who(room or None))
         elif name == "rooms":
             rooms = await client.list_rooms()
-            listing = ", ".join(f"{r} ({n})" for r, n in rooms) or "none"
+            listing = ", ".join(f"{clean(r)} ({n})" for r, n in rooms) or "none"
             self.info(
                 {"type": "rooms", "rooms": [{"room": r, "members": n} for r, n in rooms]},
                 f"rooms: {listing}",
@@ -138,19 +172,67 @@ class Terminal:
                 raise ValueError("usage: /me ACTION")
             await client.send(args, action=True)
         elif name == "help":
-            self.out(self.help_text())
+            self.show_help()
+
+    def show_members(self, room: str, members: list[str]) -> None:
+        self.info(
+            {"type": "members", "room": room, "members": members},
+            f"[{clean(room)}] members: {clean(', '.join(members))}",
+        )
+
+    async def local_command(self, command: ClientCommand, args: str) -> None:
+        """A plugin's client-side command (``/send``); a plugin bug is
+        reported as an error line, never a crash of the client."""
+        try:
+            result = command.handler(self, args)
+            if inspect.isawaitable(result):
+                await result
+        except (Quit, ChatError, ValueError):
+            raise
+        except Exception as exc:
+            self.err(f"error: /{command.name} failed: {clean(repr(exc))}")
+
+    # -- the list of commands ---------------------------------------------------------
+
+    def knows_server_commands(self) -> bool:
+        """Whether the server listed its commands in the welcome (it does):
+        then an unknown command is reported at once, with the full list."""
+        return isinstance(self.client.welcome.get("commands"), list)
+
+    def server_commands(self) -> dict[str, dict[str, Any]]:
+        """The server's plugin commands, by lower-case name."""
+        found = self.client.welcome.get("commands")
+        if not isinstance(found, list):
+            return {}
+        return {
+            str(c.get("name", "")).lower(): c
+            for c in found
+            if isinstance(c, dict) and c.get("name")
+        }
+
+    def command_names(self) -> list[str]:
+        return sorted({*CORE_COMMANDS, *self.local_commands, *self.server_commands()})
+
+    def help_entries(self) -> list[tuple[str, str]]:
+        entries = list(HELP.values())
+        for name, cmd in sorted(self.server_commands().items()):
+            entries.append((str(cmd.get("usage") or "/" + name), str(cmd.get("help", ""))))
+        for name, local in sorted(self.local_commands.items()):
+            entries.append((local.usage or "/" + name, local.help))
+        return entries
+
+    def show_help(self) -> None:
+        entries = self.help_entries()
+        if self.json_mode:
+            listing = [{"usage": usage, "help": text} for usage, text in entries]
+            self.out(as_json({"type": "help", "commands": listing}))
         else:
-            reply = await client.command(name, args)
-            if reply.get("text"):
-                self.info(reply, str(reply["text"]))
+            self.out(self.help_text())
 
     def help_text(self) -> str:
+        """The /help listing as plain text."""
         lines = ["commands:"]
-        for usage, text in HELP.values():
-            lines.append(f"  {usage:<18} {text}")
-        for cmd in self.client.welcome.get("commands", []):
-            usage = cmd.get("usage") or "/" + cmd.get("name", "")
-            lines.append(f"  {usage:<18} {cmd.get('help', '')}")
+        lines += [f"  {clean(usage):<18} {clean(text)}" for usage, text in self.help_entries()]
         lines.append("  (a line starting with // sends a line starting with /)")
         return "\n".join(lines)
 
@@ -158,15 +240,15 @@ class Terminal:
 
     async def run_pipe(self) -> int:
         """Read lines from stdin until quit or end of input."""
-        lines: asyncio.Queue[str | None] = asyncio.Queue()
-        _read_stdin_in_thread(lines)
-        printer = asyncio.create_task(self.print_events())
+        _tolerant_stdout()
+        lines = _StdinLines()
+        printer = asyncio.create_task(self.print_events(), name="chat-printer")
         while True:
             get = asyncio.create_task(lines.get())
             done, _ = await asyncio.wait({get, printer}, return_when=asyncio.FIRST_COMPLETED)
-            if get not in done:  # the server closed the connection
-                get.cancel()
-                return self._lost()
+            if get not in done:  # the connection (or stdout) ended
+                await _cancel(get)
+                return await self._printer_ended(printer)
             line = get.result()
             try:
                 if line is None:
@@ -176,40 +258,57 @@ class Terminal:
                 return await self._leave(str(leave), printer)
             except ConnectionClosed:
                 return self._lost()
+            except OutputClosed:
+                self.output_closed = True
+                return await self._printer_ended(printer)
 
     async def run_interactive(self) -> int:
         from prompt_toolkit import PromptSession
         from prompt_toolkit.patch_stdout import patch_stdout
 
-        prompt: PromptSession[str] = PromptSession()
-        with patch_stdout(raw=True):
-            self.out(f"connected as {self.client.user}; /help lists the commands, quit leaves")
-            printer = asyncio.create_task(self.print_events())
+        session: PromptSession[str] = PromptSession()
+        # patch_stdout prints above the input line and redraws it after; not
+        # raw, so it would also neuter an escape sequence that got past clean().
+        with patch_stdout():
+            user = clean(self.client.user)
+            self.out(f"connected as {user}; /help lists the commands, quit leaves")
+            printer = asyncio.create_task(self.print_events(), name="chat-printer")
             while True:
-                ask = asyncio.create_task(prompt.prompt_async(f"[{self.client.room or '-'}] > "))
+                ask = asyncio.create_task(session.prompt_async(self.prompt_text))
                 done, _ = await asyncio.wait({ask, printer}, return_when=asyncio.FIRST_COMPLETED)
-                if ask not in done:
-                    ask.cancel()
+                if ask not in done:  # the server ended the session
+                    await _cancel(ask)
                     return self._lost()
                 try:
-                    line = ask.result()
-                except (EOFError, KeyboardInterrupt):
+                    text = ask.result()
+                except (EOFError, KeyboardInterrupt):  # Ctrl-D, Ctrl-C
                     return await self._leave("quit", printer)
                 try:
-                    await self.handle_line(line)
+                    for line in _LINE_BREAK.split(text):
+                        await self.handle_line(line)
                 except Quit as leave:
                     return await self._leave(str(leave), printer)
                 except ConnectionClosed:
                     return self._lost()
 
+    def prompt_text(self) -> str:
+        """The prompt, re-evaluated at each redraw: it follows the room."""
+        return f"[{clean(self.client.room or '-')}] > "
+
     async def _leave(self, reason: str, printer: asyncio.Task[None]) -> int:
+        """Say goodbye; everything the server sent before is printed first."""
         self.quit_requested = True
         await self.client.quit(reason)
-        try:
+        with contextlib.suppress(TimeoutError):  # wait_for cancels it then
             await asyncio.wait_for(printer, 5)
-        except TimeoutError:
-            printer.cancel()
         return 0
+
+    async def _printer_ended(self, printer: asyncio.Task[None]) -> int:
+        if not self.output_closed:
+            return self._lost()
+        # Nobody reads us any more: leave politely and quietly.
+        await self._leave("quit", printer)
+        return 1
 
     def _lost(self) -> int:
         """The server ended the session (shutdown, drop, crash): exit 1."""
@@ -218,27 +317,109 @@ class Terminal:
         return 1
 
 
-def _read_stdin_in_thread(lines: asyncio.Queue[str | None]) -> None:
-    """Feed stdin lines to ``lines`` from a daemon thread: works for pipes and
-    regular files alike, never blocks the loop, never delays exit."""
-    loop = asyncio.get_running_loop()
+def _local_commands(client: Client) -> dict[str, ClientCommand]:
+    """Client-side plugin commands by lower-case name; a core command's name
+    cannot be taken."""
+    found: dict[str, ClientCommand] = {}
+    for commands in client.pm.hook.libchat_client_commands():
+        for command in commands or ():
+            name = command.name.lower().lstrip("/")
+            if name not in CORE_COMMANDS:
+                found.setdefault(name, command)
+    return found
 
-    def pump() -> None:
+
+async def _cancel(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` and let it finish (a prompt restores the terminal)."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+
+
+class _StdinLines:
+    """Lines of stdin, read by a daemon thread: works for pipes and regular
+    files alike, never blocks the loop, never delays exit. The thread reads
+    at most STDIN_BACKLOG lines ahead of the sender (backpressure: a huge
+    input file does not fill memory). ``None`` marks the end of input."""
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[str | None] = asyncio.Queue()
+        self._room = threading.Semaphore(STDIN_BACKLOG)
+        self._loop = asyncio.get_running_loop()
+        threading.Thread(target=self._pump, name="stdin", daemon=True).start()
+
+    async def get(self) -> str | None:
+        item = await self._queue.get()
+        self._room.release()
+        return item
+
+    def _put(self, item: str | None) -> None:
+        # Plain callbacks only: the thread never makes a coroutine that a
+        # closing loop could leave un-awaited.
+        self._room.acquire()
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    def _pump(self) -> None:
+        # Any failure (stdin closed, the loop gone at exit) ends the input.
+        with contextlib.suppress(Exception):
+            for line in _stdin_lines():
+                self._put(line)
+        with contextlib.suppress(Exception):
+            self._put(None)
+
+
+def _stdin_lines() -> Iterator[str]:
+    """The lines of stdin, each with its newline (the last may lack one).
+
+    Read with os.read on the file descriptor, not through sys.stdin: a daemon
+    thread blocked inside sys.stdin holds its buffer's lock, and the
+    interpreter aborts at exit ("could not acquire lock for <stdin> at
+    interpreter shutdown") when it finds that lock taken."""
+    try:
+        fd = sys.stdin.fileno()
+    except (AttributeError, ValueError, OSError):  # stdin replaced (tests) or closed
+        yield from sys.stdin
+        return
+    # Decoded leniently: a stray invalid byte costs one replacement
+    # character, not the rest of the input.
+    encoding = getattr(sys.stdin, "encoding", None) or "utf-8"
+    decoder = codecs.getincrementaldecoder(encoding)("replace")
+    pending = ""
+    while True:
         try:
-            for line in sys.stdin:
-                loop.call_soon_threadsafe(lines.put_nowait, line)
-        except (OSError, ValueError):
-            pass
-        finally:
-            with contextlib.suppress(RuntimeError):  # the loop is already closed
-                loop.call_soon_threadsafe(lines.put_nowait, None)
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:  # someone made our stdin non-blocking
+            select.select([fd], [], [])
+            continue
+        *complete, pending = (pending + decoder.decode(chunk, final=not chunk)).split("\n")
+        for line in complete:
+            yield line + "\n"
+        if not chunk:
+            if pending:
+                yield pending
+            return
 
-    threading.Thread(target=pump, name="stdin", daemon=True).start()
+
+def _tolerant_stdout() -> None:
+    """Never die on a character the output encoding cannot show."""
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        with contextlib.suppress(ValueError, OSError):
+            sys.stdout.reconfigure(errors="backslashreplace")
 
 
 def _print_out(text: str) -> None:
-    print(text, flush=True)
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # Point stdout at /dev/null so the interpreter's final flush does not
+        # fail again with "Exception ignored ... BrokenPipeError".
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        raise OutputClosed from None
 
 
 def _print_err(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
+    with contextlib.suppress(BrokenPipeError):
+        print(text, file=sys.stderr, flush=True)

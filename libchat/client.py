@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import ssl as ssl_module
 from collections.abc import AsyncIterator, Generator, Iterable
 from types import TracebackType
@@ -329,7 +330,7 @@ async def open_client(
     except ssl_module.SSLError as exc:  # before OSError, its base: say what TLS disliked
         raise tls_error(exc, server_hostname or host) from None
     except OSError as exc:
-        reason = exc.strerror or str(exc)
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
         raise ConnectionClosed(f"cannot connect to {host}:{port}: {reason}") from None
     conn = Connection(reader, writer, max_frame_size=max_frame_size)
     client = Client(

@@ -26,6 +26,7 @@ from libchat.plugins import installed_plugins, make_plugin_manager
 
 from .bench import bench
 from .options import Security, login, run_logged_in, security_options
+from .render import clean
 
 F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger("libchat.cli")
@@ -65,7 +66,8 @@ def run_async(coro: Coroutine[Any, Any, int | None]) -> int:
     try:
         return asyncio.run(coro, debug=os.environ.get("PYTHONASYNCIODEBUG") == "1") or 0
     except ChatError as exc:
-        raise click.ClickException(exc.message) from None
+        # The text may come from the server: never let it reach the terminal raw.
+        raise click.ClickException(clean(exc.message)) from None
     except KeyboardInterrupt:
         return 130
 
@@ -249,22 +251,24 @@ async def _serve(
     context: ssl.SSLContext | None = None,
 ) -> int:
     server = Server(host, port, plugins=plugins, limits=limits, config=config, ssl=context)
+    # Signal handlers first: a SIGTERM that lands right after the "listening"
+    # line must still shut down cleanly.
+    stop_requested = asyncio.Event()
+
+    def stop(signame: str) -> None:
+        log.info("received %s", signame)
+        stop_requested.set()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, functools.partial(stop, sig.name))
     try:
         await server.start()
     except OSError as exc:
         what = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
         raise ChatError(f"cannot listen on {host}:{port}: {what or exc}") from None
-    loop = asyncio.get_running_loop()
-    closing: list[asyncio.Task[None]] = []
-
-    def stop(signame: str) -> None:
-        if not closing:
-            log.info("received %s", signame)
-            closing.append(loop.create_task(server.close()))
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, functools.partial(stop, sig.name))
-    await server.serve_forever()
+    await stop_requested.wait()
+    await server.close()
     return 0
 
 

@@ -36,6 +36,12 @@ from .server import DEFAULT_HOST, DEFAULT_PORT
 from .tls import tls_error
 
 _CLOSED = object()
+#: How much the stream reader buffers before it stops reading the socket (it
+#: pauses at twice this). Frames are read 64 KiB at a time whatever their
+#: size, so a small buffer is no limit on frame size; a large one would let
+#: megabytes pile up (and be copied again on each refill) while a plugin is
+#: busy with a file chunk.
+READ_BUFFER = 256 << 10
 log = logging.getLogger("libchat.client")
 
 
@@ -321,7 +327,7 @@ async def open_client(
                 port,
                 ssl=ssl,
                 server_hostname=server_hostname,
-                limit=(max_frame_size or 1 << 20) + 16,
+                limit=READ_BUFFER,
             ),
             timeout,
         )

@@ -10,7 +10,6 @@ import select
 import signal
 import socket
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,82 +17,13 @@ from typing import Any
 import pytest
 
 import libchat
-from conftest import WAIT, ServerProcess, chat_command, connect, run_chat
+from conftest import WAIT, PipeClient, ServerProcess, chat_command, connect, run_chat
 from libchat import ClientCommand, Message, Notice, Presence, hookimpl
 from libchat.events import ErrorEvent, Event
 from libchat_cli.render import as_json, clean, format_event
 from libchat_cli.terminal import Quit, Terminal
 
 # -- a `chat join` we can talk to ------------------------------------------------------
-
-
-class PipeClient:
-    """``chat join`` with stdin a pipe the test holds open; stdout and stderr
-    are collected line by line by threads."""
-
-    def __init__(self, port: int, user: str, *args: str, stdin: Any = subprocess.PIPE) -> None:
-        self.proc = subprocess.Popen(
-            [*chat_command(), "join", "--port", str(port), "--user", user, *args],
-            stdin=stdin,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            encoding="utf-8",
-        )
-        self.out: list[str] = []
-        self.err: list[str] = []
-        self._changed = threading.Condition()
-        for stream, lines in ((self.proc.stdout, self.out), (self.proc.stderr, self.err)):
-            threading.Thread(target=self._pump, args=(stream, lines), daemon=True).start()
-
-    def _pump(self, stream: Any, lines: list[str]) -> None:
-        for line in stream:
-            with self._changed:
-                lines.append(line.rstrip("\n"))
-                self._changed.notify_all()
-        with self._changed:
-            lines.append("<EOF>")
-            self._changed.notify_all()
-
-    def wait_for(self, pattern: str, *, err: bool = False) -> str:
-        """The first stdout (or stderr) line matching ``pattern``."""
-        lines, regex = (self.err if err else self.out), re.compile(pattern)
-
-        def found() -> str | None:
-            return next((line for line in lines if regex.search(line)), None)
-
-        with self._changed:
-            self._changed.wait_for(lambda: found() is not None or "<EOF>" in lines, WAIT)
-            line = found()
-        assert line is not None, f"no line matching {pattern!r}: out={self.out} err={self.err}"
-        return line
-
-    def send(self, *lines: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write("".join(line + "\n" for line in lines))
-        self.proc.stdin.flush()
-
-    def finish(self) -> int:
-        """Close stdin (end of input) and wait for the exit status."""
-        if self.proc.stdin is not None and not self.proc.stdin.closed:
-            self.proc.stdin.close()
-        return self.wait()
-
-    def wait(self) -> int:
-        status = self.proc.wait(WAIT)
-        with self._changed:  # let the readers drain what is left
-            self._changed.wait_for(lambda: "<EOF>" in self.out and "<EOF>" in self.err, WAIT)
-        return status
-
-    def stderr(self) -> str:
-        return "\n".join(line for line in self.err if line != "<EOF>")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(WAIT)
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
 
 
 @pytest.fixture

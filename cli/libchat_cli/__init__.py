@@ -110,6 +110,13 @@ def cli() -> None:
     help="auth: bcrypt cost of new password hashes (or set CHAT_BCRYPT_ROUNDS). [default: 12]",
 )
 @click.option(
+    "--max-file-size",
+    type=click.IntRange(0),
+    default=None,
+    metavar="BYTES",
+    help="files: largest file a user may send; 0: no limit. [default: 2 GiB]",
+)
+@click.option(
     "--tls-cert",
     type=click.Path(exists=True, dir_okay=False),
     default=None,
@@ -190,6 +197,7 @@ def serve(
     db: str | None,
     allow_register: bool,
     bcrypt_rounds: int | None,
+    max_file_size: int | None,
     tls_cert: str | None,
     tls_key: str | None,
     rate_limit: float,
@@ -224,6 +232,8 @@ def serve(
         "allow_register": allow_register,
         "bcrypt_rounds": bcrypt_rounds,
     }
+    if max_file_size is not None:
+        config["max_file_size"] = max_file_size
     context = _server_tls(tls_cert, tls_key)
     sys.exit(run_async(_serve(host, port, names, limits, config, context)))
 
@@ -284,8 +294,23 @@ async def _serve(
 @click.option(
     "--json", "json_mode", is_flag=True, help="Print one JSON object per event (for scripts)."
 )
+@click.option(
+    "--accept-files",
+    type=click.Path(file_okay=False),
+    default=None,
+    metavar="DIR",
+    help="files: accept every file offered to you, into DIR (for scripts).",
+)
 @security_options
-def join(host: str, port: int, user: str, room: str, json_mode: bool, security: Security) -> None:
+def join(
+    host: str,
+    port: int,
+    user: str,
+    room: str,
+    json_mode: bool,
+    accept_files: str | None,
+    security: Security,
+) -> None:
     """Join the chat. Interactive in a terminal; otherwise each stdin line
     is sent and each event printed as one line.
 
@@ -297,7 +322,9 @@ def join(host: str, port: int, user: str, room: str, json_mode: bool, security: 
             host,
             user,
             security,
-            lambda connect: _join(host, port, user, room, json_mode, interactive, connect),
+            lambda connect: _join(
+                host, port, user, room, json_mode, interactive, connect, accept_files
+            ),
         )
     )
 
@@ -310,11 +337,19 @@ async def _join(
     json_mode: bool,
     interactive: bool,
     connect: dict[str, Any] | None = None,
+    accept_files: str | None = None,
 ) -> int:
     from .terminal import Terminal
 
+    options = {"accept_files": accept_files} if accept_files else None
     client = await login(
-        host, port, user=user, room=room, plugins=_client_plugins(), **(connect or {})
+        host,
+        port,
+        user=user,
+        room=room,
+        plugins=_client_plugins(),
+        options=options,
+        **(connect or {}),
     )
     terminal = Terminal(client, json_mode=json_mode)
     try:

@@ -78,6 +78,9 @@ class Terminal:
         self.out = out or _print_out
         self.err = err or _print_err
         self.quit_requested = False
+        # Client plugins reach the terminal here (the files plugin shows the
+        # progress of transfers it accepted by itself).
+        client.options.setdefault("terminal", self)
         self.bye_shown = False
         self.output_closed = False
         self.local_commands = _local_commands(client)

@@ -74,14 +74,27 @@ def _deliver(member: Member, data: bytes) -> int:
     return 1
 
 
+class _Room:
+    """A room: its name as first spelt, and its members in join order."""
+
+    __slots__ = ("members", "name", "snapshot")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.members: dict[Member, None] = {}
+        #: the members as a tuple, made on the first publish after a change:
+        #: broadcast iterates it instead of copying the dict per message
+        self.snapshot: tuple[Member, ...] | None = None
+
+
 class LocalHub:
     """The in-memory hub of one server process."""
 
     def __init__(self) -> None:
         #: folded name -> the connections holding it, and whether shared
         self._users: dict[str, tuple[list[Member], bool]] = {}
-        #: folded room name -> (display name, members in join order)
-        self._rooms: dict[str, tuple[str, dict[Member, None]]] = {}
+        #: folded room name -> the room
+        self._rooms: dict[str, _Room] = {}
 
     async def attach(self, member: Member, *, shared: bool = False) -> None:
         key = fold(member.name)
@@ -95,7 +108,7 @@ class LocalHub:
             raise NameInUse(f"the name {entry[0][0].name!r} is in use")
 
     async def detach(self, member: Member) -> list[str]:
-        left = [name for name, members in self._rooms.values() if member in members]
+        left = [room.name for room in self._rooms.values() if member in room.members]
         for room in left:
             self._remove(room, member)
         key = fold(member.name)
@@ -110,11 +123,12 @@ class LocalHub:
         key = fold(room)
         entry = self._rooms.get(key)
         if entry is None:
-            entry = self._rooms[key] = (room, {})
-        if member in entry[1]:
+            entry = self._rooms[key] = _Room(room)
+        if member in entry.members:
             return None
-        entry[1][member] = None
-        return entry[0]
+        entry.members[member] = None
+        entry.snapshot = None
+        return entry.name
 
     async def part(self, room: str, member: Member) -> str | None:
         return self._remove(room, member)
@@ -122,21 +136,33 @@ class LocalHub:
     def _remove(self, room: str, member: Member) -> str | None:
         key = fold(room)
         entry = self._rooms.get(key)
-        if entry is None or member not in entry[1]:
+        if entry is None or member not in entry.members:
             return None
-        del entry[1][member]
-        if not entry[1]:
+        del entry.members[member]
+        entry.snapshot = None
+        if not entry.members:
             del self._rooms[key]
-        return entry[0]
+        return entry.name
 
     def publish(self, room: str, data: bytes, exclude: Member | None = None) -> int:
+        # The hot path of the server: once per message, a call per member.
         entry = self._rooms.get(fold(room))
         if entry is None:
             return 0
+        members = entry.snapshot
+        if members is None:
+            # A tuple, not the dict itself: a delivery may end a session.
+            members = entry.snapshot = tuple(entry.members)
         count = 0
-        for member in list(entry[1]):  # a delivery may end a session
-            if member is not exclude:
-                count += _deliver(member, data)
+        for member in members:
+            if member is exclude:
+                continue
+            try:
+                member.deliver(data)
+            except Exception:  # one broken member never costs the others a message
+                log.exception("delivery to %r failed", member)
+                continue
+            count += 1
         return count
 
     async def send_to_user(self, name: str, data: bytes, exclude: Member | None = None) -> int:
@@ -149,11 +175,11 @@ class LocalHub:
         entry = self._rooms.get(fold(room))
         if entry is None:
             return None
-        return sorted({m.name for m in entry[1]}, key=fold)
+        return sorted({m.name for m in entry.members}, key=fold)
 
     async def rooms(self) -> list[tuple[str, int]]:
         counts = (
-            (name, len({fold(m.name) for m in members})) for name, members in self._rooms.values()
+            (room.name, len({fold(m.name) for m in room.members})) for room in self._rooms.values()
         )
         return sorted(counts, key=lambda r: fold(r[0]))
 

@@ -17,16 +17,17 @@ hooks, all within its ``timeout``. ``close()`` is idempotent, and a second
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import os
 import ssl as ssl_module
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 from . import __version__
 from .commands import Command, FrameHandler
-from .connection import Connection
+from .connection import FlushQueue, ServerConnection, new_read_buffer
 from .errors import ChatError, TooManyConnections
 from .hub import Hub, LocalHub
 from .limits import Limits
@@ -95,15 +96,30 @@ class Server:
             return
         if self._close_task is not None:
             raise RuntimeError("this server was closed; make a new one")
+        # A hub with a lifecycle (a distributed one connects here).
+        hub_start = getattr(self.hub, "start", None)
+        if hub_start is not None:
+            await hub_start(self)
         await call_async(self.pm.hook.libchat_startup, server=self)
         await self._collect_extensions()
-        self._server = await asyncio.start_server(
-            self._accept,
+        loop = asyncio.get_running_loop()
+        limits = self.limits
+        # Every connection shares one read buffer (the loop reads one socket
+        # at a time) and one flush callback per loop iteration.
+        make_connection = functools.partial(
+            ServerConnection,
+            self._connection_made,
+            read_buffer=new_read_buffer(),
+            max_frame_size=limits.max_frame_size,
+            max_send_queue=limits.max_send_queue,
+            flusher=FlushQueue(loop),
+        )
+        self._server = await loop.create_server(
+            make_connection,
             self.host,
             self.requested_port,
             ssl=self.ssl,
-            ssl_handshake_timeout=self.limits.handshake_timeout if self.ssl else None,
-            limit=self.limits.max_frame_size + 16,
+            ssl_handshake_timeout=limits.handshake_timeout if self.ssl else None,
         )
         self._keepalive = asyncio.create_task(self._keepalive_loop(), name="libchat-keepalive")
         log.info("listening on %s", ", ".join(self.addresses))
@@ -194,6 +210,9 @@ class Server:
                 # Cancelled sessions still close their sockets on the way out.
                 await asyncio.wait(pending, timeout=1.0)
         await call_each(self.pm.hook.libchat_shutdown, server=self)
+        hub_close = getattr(self.hub, "close", None)
+        if hub_close is not None:
+            await hub_close()
         if not self._closing.done():
             self._closing.set_result(None)
 
@@ -227,31 +246,29 @@ class Server:
 
     # -- accepting --------------------------------------------------------------------
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        limits = self.limits
-        conn = Connection(
-            reader,
-            writer,
-            max_frame_size=limits.max_frame_size,
-            max_send_queue=limits.max_send_queue,
-        )
+    def _connection_made(self, conn: ServerConnection) -> None:
+        """A new connection (its TLS handshake done): admit it and start its
+        session, or refuse it with a reason."""
         try:
             self._admit(conn.address)
         except ChatError as exc:
             log.warning("refused %s: %s", conn.peer, exc.message)
             conn.send(exc.to_header())
-            await conn.close(exc.message)
+            self.spawn(conn.close(exc.message), name="libchat-refuse")
             return
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
         session = Session(self, conn)
         self.sessions.add(session)
-        try:
-            await session.run()
-        finally:
-            self.forget(session)
-            self._tasks.discard(task)
+        session.start()
+
+    def spawn(
+        self, coro: Coroutine[Any, Any, None], *, name: str | None = None
+    ) -> asyncio.Task[None]:
+        """Run ``coro`` in a task that :meth:`close` waits for (and cancels
+        once its timeout is up)."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     def _admit(self, address: str) -> None:
         limits = self.limits

@@ -11,8 +11,10 @@ import enum
 import inspect
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
 
+from .connection import BaseConnection, ServerConnection
 from .errors import (
     BadRequest,
     ChatError,
@@ -37,7 +39,6 @@ from .protocol import (
 )
 
 if TYPE_CHECKING:
-    from .connection import Connection
     from .server import Server
 
 log = logging.getLogger("libchat.server")
@@ -78,11 +79,43 @@ RATE_LIMITED = frozenset({"msg", "dm", "join", "part", "who", "rooms", "command"
 
 
 class Session:
-    """A connected client, from hello to goodbye."""
+    """A connected client, from hello to goodbye.
 
-    def __init__(self, server: Server, conn: Connection) -> None:
+    A session has no task of its own while it is idle: its connection calls
+    :meth:`_wake` when frames (or the end of the input) arrive, and a task
+    then handles every frame waiting, one after the other, and ends. Frames
+    from one client are therefore handled in order, each awaited before the
+    next starts, and an idle session costs only its objects.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_attached",
+        "_bucket",
+        "_expired",
+        "_timer",
+        "_worker",
+        "authenticated",
+        "conn",
+        "data",
+        "deliver",
+        "name",
+        "peer",
+        "ping_sent",
+        "rooms",
+        "server",
+        "state",
+    )
+
+    #: Queue encoded frame bytes for this client (the Hub calls this once per
+    #: member per broadcast): the connection's own method, bound per instance
+    #: to save a call on the hot path.
+    deliver: Callable[[bytes], None]
+
+    def __init__(self, server: Server, conn: BaseConnection) -> None:
         self.server = server
         self.conn = conn
+        self.deliver = conn.send_bytes
         self.peer = conn.peer
         self.name = ""
         self.state = State.HANDSHAKE
@@ -95,15 +128,14 @@ class Session:
         self._attached = False
         limits = server.limits
         self._bucket = TokenBucket(limits.rate, limits.rate_burst) if limits.rate > 0 else None
+        self._worker: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._expired = False
 
     def __repr__(self) -> str:
         return f"<Session {self.name or '?'} {self.peer} {self.state.value}>"
 
     # -- output -----------------------------------------------------------------------
-
-    def deliver(self, data: bytes) -> None:
-        """Queue encoded frame bytes (the Hub calls this)."""
-        self.conn.send_bytes(data)
 
     def send(self, header: dict[str, Any], body: bytes = b"") -> None:
         """Queue one frame for this client."""
@@ -124,38 +156,101 @@ class Session:
 
     # -- lifecycle --------------------------------------------------------------------
 
-    async def run(self) -> None:
+    def start(self) -> None:
+        """Start the handshake clock and handle frames as they arrive (on a
+        :class:`~libchat.connection.ServerConnection`)."""
+        conn = self.conn
+        assert isinstance(conn, ServerConnection)
+        timeout = self.server.limits.handshake_timeout
+        if timeout > 0:
+            self._timer = asyncio.get_running_loop().call_later(timeout, self._handshake_expired)
+        conn.set_listener(self._wake)
+
+    def _handshake_expired(self) -> None:
+        self._timer = None
+        if self.state is State.HANDSHAKE:
+            self._expired = True
+            self._wake()
+
+    def _wake(self) -> None:
+        """The connection has something new: make sure a task handles it."""
+        if self._worker is None and self.state is not State.CLOSED:
+            self._worker = self.server.spawn(self._work(), name="libchat-session")
+
+    async def _work(self) -> None:
+        """Handle the frames waiting; end the session if the input ended or
+        a frame asked for that."""
         reason = "connection closed"
         try:
-            await self._handshake()
-            await self._serve()
-        except _Quit as quit:
-            reason = str(quit) or "quit"
-        except ConnectionClosed as exc:
-            reason = exc.message
-        except ChatError as exc:
-            reason = exc.message
-            log.info("closing %r: %s", self, exc.message)
-            self._goodbye(exc)
-        except Exception:
-            # A bug (ours or a plugin's, in the handshake): this connection
-            # ends with an error it can show; the server and the others go on.
-            log.exception("session %r failed", self)
-            error = InternalError("the server failed to handle this connection")
-            reason = error.message
-            self._goodbye(error)
+            await self._handle_frames()
+            self._worker = None  # idle again: the next frame starts a new task
+        except Exception as exc:
+            reason = self._ended_by(exc)
+        finally:
+            if self._worker is not None:  # ending (or cancelled): clean up
+                await self._cleanup(reason)
+
+    async def _handle_frames(self) -> None:
+        next_frame = cast("ServerConnection", self.conn).next_frame
+        while True:
+            frame = next_frame()
+            if frame is None:
+                if self._expired and self.state is State.HANDSHAKE:
+                    raise Timeout("handshake timed out")
+                return
+            if self.state is State.HANDSHAKE:
+                self._cancel_timer()
+                await self._handshake(frame)
+            else:
+                await self._dispatch(frame)
+
+    async def run(self) -> None:
+        """Serve a session over a stream :class:`~libchat.connection.Connection`
+        from hello to goodbye in the calling task (the server itself uses
+        :meth:`start`, which needs no task while the session is idle)."""
+        reason = "connection closed"
+        try:
+            try:
+                frame = await asyncio.wait_for(
+                    self.conn.recv(), self.server.limits.handshake_timeout
+                )
+            except TimeoutError:
+                raise Timeout("handshake timed out") from None
+            await self._handshake(frame)
+            while True:
+                await self._dispatch(await self.conn.recv())
+        except Exception as exc:
+            reason = self._ended_by(exc)
         finally:
             await self._cleanup(reason)
+
+    def _ended_by(self, exc: Exception) -> str:
+        """Say goodbye as ``exc`` (which ends the session) asks; the reason."""
+        if isinstance(exc, _Quit):
+            return str(exc) or "quit"
+        if isinstance(exc, ConnectionClosed):
+            return exc.message
+        if isinstance(exc, ChatError):
+            log.info("closing %r: %s", self, exc.message)
+            self._goodbye(exc)
+            return exc.message
+        # A bug (ours or a plugin's, in the handshake): this connection ends
+        # with an error it can show; the server and the others go on.
+        log.error("session %r failed", self, exc_info=exc)
+        error = InternalError("the server failed to handle this connection")
+        self._goodbye(error)
+        return error.message
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _goodbye(self, error: ChatError) -> None:
         self._send_error(error, None)
         self.send({"type": "bye", "reason": error.message})
 
-    async def _handshake(self) -> None:
-        try:
-            frame = await asyncio.wait_for(self.conn.recv(), self.server.limits.handshake_timeout)
-        except TimeoutError:
-            raise Timeout("handshake timed out") from None
+    async def _handshake(self, frame: Frame) -> None:
         hello = frame.header
         if frame.type != "hello":
             raise ProtocolError(f"expected a 'hello' frame first, got {frame.type!r}")
@@ -180,36 +275,34 @@ class Session:
         await self._join(room, None)
         await call_each(pm.hook.libchat_session_opened, session=self)
 
-    async def _serve(self) -> None:
-        handlers = self.server.handlers
-        recv = self.conn.recv
-        while True:
-            frame = await recv()
-            kind = frame.type
-            if self._bucket is not None and kind in RATE_LIMITED:
-                await self.throttle()
-            handler = handlers.get(kind)
-            try:
-                request_id = frame.header.get("id")
-                if request_id is not None and (
-                    isinstance(request_id, bool) or not isinstance(request_id, str | int)
-                ):
-                    raise BadRequest("'id' must be a string or an integer")
-                if handler is None:
-                    raise BadRequest(f"unknown frame type {kind!r}")
-                result = handler(self, frame)
-                if inspect.isawaitable(result):
-                    await result
-            except (_Quit, ConnectionClosed, ProtocolError):
-                # A protocol violation ends the connection, not just the request.
-                raise
-            except ChatError as exc:
-                self._send_error(exc, frame.header.get("id"))
-            except Exception:
-                log.exception("handler for %r failed in %r", kind, self)
-                self._send_error(
-                    InternalError(f"the server failed to handle {kind!r}"), frame.header.get("id")
-                )
+    async def _dispatch(self, frame: Frame) -> None:
+        """Handle one frame of an open session; a failed request is answered
+        with an error, a protocol violation ends the session."""
+        kind = frame.type
+        if self._bucket is not None and kind in RATE_LIMITED:
+            await self.throttle()
+        handler = self.server.handlers.get(kind)
+        try:
+            request_id = frame.header.get("id")
+            if request_id is not None and (
+                isinstance(request_id, bool) or not isinstance(request_id, str | int)
+            ):
+                raise BadRequest("'id' must be a string or an integer")
+            if handler is None:
+                raise BadRequest(f"unknown frame type {kind!r}")
+            result = handler(self, frame)
+            if inspect.isawaitable(result):
+                await result
+        except (_Quit, ConnectionClosed, ProtocolError):
+            # A protocol violation ends the connection, not just the request.
+            raise
+        except ChatError as exc:
+            self._send_error(exc, frame.header.get("id"))
+        except Exception:
+            log.exception("handler for %r failed in %r", kind, self)
+            self._send_error(
+                InternalError(f"the server failed to handle {kind!r}"), frame.header.get("id")
+            )
 
     def _send_error(self, exc: ChatError, request_id: Any) -> None:
         header = exc.to_header(request_id if isinstance(request_id, str | int) else None)
@@ -227,6 +320,7 @@ class Session:
     async def _cleanup(self, reason: str) -> None:
         was_open = self.state is State.OPEN
         self.state = State.CLOSED
+        self._cancel_timer()
         self.server.forget(self)
         try:
             if self._attached:

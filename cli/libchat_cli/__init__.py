@@ -22,6 +22,7 @@ import click
 
 import libchat
 from libchat import ChatError, Limits, Server, tls
+from libchat.hub import Hub
 from libchat.plugins import installed_plugins, make_plugin_manager
 
 from .bench import bench
@@ -185,6 +186,23 @@ def cli() -> None:
     help="Seconds a new connection has to say hello.",
 )
 @click.option(
+    "--hub",
+    "hub_url",
+    default=None,
+    metavar="URL",
+    envvar="CHAT_HUB",
+    help="Share rooms, presence and private messages with every server on this Redis "
+    "(redis://HOST:PORT/DB; see docs/scaling.md), or set CHAT_HUB. Default: this server alone.",
+)
+@click.option(
+    "--cluster",
+    default=None,
+    metavar="NAME",
+    envvar="CHAT_CLUSTER",
+    help="With --hub: share with the servers of this cluster only (or set CHAT_CLUSTER). "
+    "[default: libchat]",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",
@@ -208,6 +226,8 @@ def serve(
     ping_interval: float,
     ping_timeout: float,
     handshake_timeout: float,
+    hub_url: str | None,
+    cluster: str | None,
     log_level: str,
 ) -> None:
     """Run a chat server (Ctrl-C or SIGTERM stops it cleanly)."""
@@ -235,7 +255,24 @@ def serve(
     if max_file_size is not None:
         config["max_file_size"] = max_file_size
     context = _server_tls(tls_cert, tls_key)
-    sys.exit(run_async(_serve(host, port, names, limits, config, context)))
+    hub = _hub(hub_url, cluster)
+    sys.exit(run_async(_serve(host, port, names, limits, config, context, hub)))
+
+
+def _hub(url: str | None, cluster: str | None) -> Hub | None:
+    """The hub --hub asks for; None: the in-memory one of this process."""
+    if url is None:
+        if cluster is not None:
+            raise click.UsageError("--cluster needs --hub")
+        return None
+    try:
+        from libchat.redis_hub import DEFAULT_CLUSTER, hub_from_url
+    except ImportError as exc:
+        raise click.ClickException(f"--hub: {exc}") from None
+    try:
+        return hub_from_url(url, cluster=cluster or DEFAULT_CLUSTER)
+    except ChatError as exc:
+        raise click.UsageError(exc.message) from None
 
 
 def _server_tls(cert: str | None, key: str | None) -> ssl.SSLContext | None:
@@ -259,8 +296,9 @@ async def _serve(
     limits: Limits,
     config: dict[str, Any],
     context: ssl.SSLContext | None = None,
+    hub: Hub | None = None,
 ) -> int:
-    server = Server(host, port, plugins=plugins, limits=limits, config=config, ssl=context)
+    server = Server(host, port, plugins=plugins, limits=limits, config=config, ssl=context, hub=hub)
     # Signal handlers first: a SIGTERM that lands right after the "listening"
     # line must still shut down cleanly.
     stop_requested = asyncio.Event()

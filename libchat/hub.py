@@ -62,6 +62,15 @@ class Hub(Protocol):
     async def online(self, name: str) -> str | None:
         """The name as its holder spells it, or ``None`` if offline."""
 
+    async def set_user_data(self, name: str, key: str, value: str) -> bool:
+        """Keep ``value`` under ``key`` for online user ``name`` (plugins'
+        per-user state, such as /reply's target), wherever the user is
+        connected; it lives until the user's last connection leaves. Return
+        False if ``name`` is offline."""
+
+    async def user_data(self, name: str, key: str) -> str | None:
+        """What :meth:`set_user_data` kept (``None``: nothing, or offline)."""
+
 
 def _deliver(member: Member, data: bytes) -> int:
     """Queue ``data`` for one member; a member that fails is logged and
@@ -95,6 +104,8 @@ class LocalHub:
         self._users: dict[str, tuple[list[Member], bool]] = {}
         #: folded room name -> the room
         self._rooms: dict[str, _Room] = {}
+        #: folded name -> set_user_data's values, while the user is online
+        self._data: dict[str, dict[str, str]] = {}
 
     async def attach(self, member: Member, *, shared: bool = False) -> None:
         key = fold(member.name)
@@ -117,6 +128,7 @@ class LocalHub:
             entry[0].remove(member)
             if not entry[0]:
                 del self._users[key]
+                self._data.pop(key, None)
         return left
 
     async def join(self, room: str, member: Member) -> str | None:
@@ -186,6 +198,16 @@ class LocalHub:
     async def online(self, name: str) -> str | None:
         entry = self._users.get(fold(name))
         return None if entry is None else entry[0][0].name
+
+    async def set_user_data(self, name: str, key: str, value: str) -> bool:
+        folded = fold(name)
+        if folded not in self._users:
+            return False
+        self._data.setdefault(folded, {})[key] = value
+        return True
+
+    async def user_data(self, name: str, key: str) -> str | None:
+        return self._data.get(fold(name), {}).get(key)
 
     def local_members(self) -> Iterable[Member]:
         return [m for members, _ in self._users.values() for m in members]

@@ -100,8 +100,20 @@ class Server:
         hub_start = getattr(self.hub, "start", None)
         if hub_start is not None:
             await hub_start(self)
-        await call_async(self.pm.hook.libchat_startup, server=self)
-        await self._collect_extensions()
+        try:
+            await call_async(self.pm.hook.libchat_startup, server=self)
+            await self._collect_extensions()
+            await self._listen()
+        except BaseException:
+            # Port in use, a plugin refusing its config...: undo what started,
+            # so an embedding program leaks no store, thread or hub task.
+            await call_each(self.pm.hook.libchat_shutdown, server=self)
+            await self._close_hub()
+            raise
+        self._keepalive = asyncio.create_task(self._keepalive_loop(), name="libchat-keepalive")
+        log.info("listening on %s", ", ".join(self.addresses))
+
+    async def _listen(self) -> None:
         loop = asyncio.get_running_loop()
         limits = self.limits
         # Every connection shares one read buffer (the loop reads one socket
@@ -121,8 +133,11 @@ class Server:
             ssl=self.ssl,
             ssl_handshake_timeout=limits.handshake_timeout if self.ssl else None,
         )
-        self._keepalive = asyncio.create_task(self._keepalive_loop(), name="libchat-keepalive")
-        log.info("listening on %s", ", ".join(self.addresses))
+
+    async def _close_hub(self) -> None:
+        hub_close = getattr(self.hub, "close", None)
+        if hub_close is not None:
+            await hub_close()
 
     async def _collect_extensions(self) -> None:
         core: dict[str, FrameHandler] = {
@@ -210,9 +225,7 @@ class Server:
                 # Cancelled sessions still close their sockets on the way out.
                 await asyncio.wait(pending, timeout=1.0)
         await call_each(self.pm.hook.libchat_shutdown, server=self)
-        hub_close = getattr(self.hub, "close", None)
-        if hub_close is not None:
-            await hub_close()
+        await self._close_hub()
         if not self._closing.done():
             self._closing.set_result(None)
 

@@ -430,12 +430,6 @@ async def test_private_messages_across_nodes(redis_server: RedisProcess, cluster
         assert not [e for e in _pending(carol) if isinstance(e, libchat.PrivateMessage)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RemoteError,
-    reason="the dm plugin keeps /reply's target on the sender's node; the fix (Hub "
-    "set_user_data/user_data, which RedisHub has) is proposed for libchat_dm",
-)
 async def test_reply_across_nodes(redis_server: RedisProcess, cluster: str) -> None:
     async with (
         node(redis_server, cluster, plugins=["dm"]) as a,

@@ -9,6 +9,7 @@ import pytest
 import libchat
 from conftest import FAST, connect, next_of, running_server
 from libchat.errors import RemoteError
+from libchat.hub import LocalHub
 
 
 async def test_message_reaches_every_other_member(server: libchat.Server) -> None:
@@ -174,3 +175,49 @@ async def test_serve_forever_returns_when_closed_and_propagates_cancel() -> None
     with pytest.raises(asyncio.CancelledError):
         await task
     await other.close()
+
+
+async def test_local_hub_user_data_lives_while_the_user_is_online() -> None:
+    class Member:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def deliver(self, data: bytes) -> None:
+            pass
+
+    hub = LocalHub()
+    first, second = Member("Bob"), Member("Bob")
+    assert await hub.set_user_data("bob", "k", "v") is False  # offline
+    await hub.attach(first, shared=True)
+    await hub.attach(second, shared=True)
+    assert await hub.set_user_data("BOB", "k", "v") is True
+    await hub.detach(first)
+    assert await hub.user_data("bob", "k") == "v"  # one connection is left
+    await hub.detach(second)
+    assert await hub.user_data("bob", "k") is None
+
+
+async def test_a_failed_start_undoes_what_started() -> None:
+    events: list[str] = []
+
+    class Hub(LocalHub):
+        async def start(self, server: libchat.Server) -> None:
+            events.append("hub start")
+
+        async def close(self) -> None:
+            events.append("hub close")
+
+    class Plugin:
+        @libchat.hookimpl
+        def libchat_startup(self, server: libchat.Server) -> None:
+            events.append("startup")
+
+        @libchat.hookimpl
+        def libchat_shutdown(self, server: libchat.Server) -> None:
+            events.append("shutdown")
+
+    async with running_server() as taken:  # the port is in use
+        server = libchat.Server("127.0.0.1", taken.port, plugins=[Plugin()], hub=Hub())
+        with pytest.raises(OSError):
+            await server.start()
+    assert events == ["hub start", "startup", "shutdown", "hub close"]

@@ -84,13 +84,6 @@ async def libchat_session_opened(session: Session) -> None:
     await state(session.server).session_opened(session)
 
 
-@hookimpl
-async def libchat_session_closed(session: Session, reason: str) -> None:
-    dm = _STATE.get(session.server)
-    if dm is not None:
-        await dm.session_closed(session)
-
-
 # -- what clients can ask -----------------------------------------------------------
 
 

@@ -8,7 +8,6 @@ session's name, whatever the client put in its request.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import re
 import time
@@ -29,6 +28,9 @@ log = logging.getLogger("libchat.dm")
 #: ``check(server, name)``: is ``name`` a known account (one that may get
 #: messages while offline)?
 AccountCheck = Callable[["Server", str], Awaitable[bool]]
+
+#: The hub's per-user key for /reply's target: who last wrote to the user.
+LAST_FROM = "dm.last_from"
 
 #: The hook an accounts plugin implements to answer :data:`AccountCheck`.
 ACCOUNT_HOOK = "libchat_account_exists"
@@ -65,10 +67,6 @@ class DirectMessages:
         self.server = server
         self.store = store
         self.account_exists = account_exists
-        #: folded user name -> who last wrote to them privately (for /reply);
-        #: per user, not per connection: all of a user's devices got the message
-        self.last_from: dict[str, str] = {}
-        self._send_excluding = _excluding_sender(server)
 
     # -- sending ----------------------------------------------------------------------
 
@@ -92,7 +90,9 @@ class DirectMessages:
         if fold(name) == fold(session.name):
             pass  # a note to self: the sender's other connections get it below
         elif shown is not None and await hub.send_to_user(shown, data):
-            self.last_from[fold(shown)] = session.name
+            # /reply's target lives in the hub, per user (all of the user's
+            # devices got the message), on whichever node the user is.
+            await hub.set_user_data(shown, LAST_FROM, session.name)
         else:
             header["stored"] = True
             data = encode_frame(header)
@@ -105,7 +105,7 @@ class DirectMessages:
 
     async def reply(self, session: Session, text: object) -> dict[str, Any]:
         """Send ``text`` to whoever last wrote to ``session``'s user."""
-        target = self.last_from.get(fold(session.name))
+        target = await self.server.hub.user_data(session.name, LAST_FROM)
         if target is None:
             raise BadRequest("nobody has sent you a private message to reply to")
         return await self.send(session, target, text)
@@ -113,8 +113,7 @@ class DirectMessages:
     async def _echo(self, session: Session, data: bytes) -> None:
         """Show the sent message on the sender's other connections (their
         other devices); the sending connection gets the ``ok`` reply."""
-        if self._send_excluding is not None:
-            await self._send_excluding(session.name, data, exclude=session)
+        await self.server.hub.send_to_user(session.name, data, exclude=session)
 
     # -- the offline store --------------------------------------------------------------
 
@@ -140,7 +139,7 @@ class DirectMessages:
         headers = await self.store.take(fold(name))
         for header in headers:
             await self.server.hub.send_to_user(name, encode_frame(header))
-            self.last_from[fold(name)] = str(header.get("from", ""))
+            await self.server.hub.set_user_data(name, LAST_FROM, str(header.get("from", "")))
         if headers:
             log.info("delivered %d stored private messages to %s", len(headers), name)
         return len(headers)
@@ -151,29 +150,6 @@ class DirectMessages:
         if self.store is not None and session.authenticated:
             await self.flush(session.name)
 
-    async def session_closed(self, session: Session) -> None:
-        if await self.server.hub.online(session.name) is None:
-            self.last_from.pop(fold(session.name), None)
-
     async def close(self) -> None:
         if self.store is not None:
             await self.store.close()
-
-
-SendExcluding = Callable[..., Awaitable[int]]
-
-
-def _excluding_sender(server: Server) -> SendExcluding | None:
-    """The hub's ``send_to_user`` if it can leave one connection out
-    (``exclude=``), else ``None``. Without it the sender's other devices do
-    not see what it sent: better than echoing it to the sending connection,
-    where a bot would take its own message for a new one."""
-    send = server.hub.send_to_user
-    try:
-        accepts = "exclude" in inspect.signature(send).parameters
-    except (TypeError, ValueError):
-        accepts = False
-    if not accepts:
-        log.debug("the hub's send_to_user takes no 'exclude': no copies to other devices")
-        return None
-    return send

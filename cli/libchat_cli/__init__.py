@@ -167,6 +167,27 @@ def cli() -> None:
     help="Longest message text, in UTF-8 bytes.",
 )
 @click.option(
+    "--max-frame-size",
+    type=click.IntRange(1024),
+    default=DEFAULT_LIMITS.max_frame_size,
+    show_default=True,
+    help="Largest frame (header and body) a client may send, in bytes.",
+)
+@click.option(
+    "--max-send-queue",
+    type=click.IntRange(0),
+    default=DEFAULT_LIMITS.max_send_queue,
+    show_default=True,
+    help="Bytes that may wait for a slow client before it is dropped. 0: no limit.",
+)
+@click.option(
+    "--max-rooms-per-session",
+    type=click.IntRange(1),
+    default=DEFAULT_LIMITS.max_rooms_per_session,
+    show_default=True,
+    help="Rooms one connection may be in at once.",
+)
+@click.option(
     "--ping-interval",
     type=click.FloatRange(0),
     default=DEFAULT_LIMITS.ping_interval,
@@ -175,10 +196,10 @@ def cli() -> None:
 )
 @click.option(
     "--ping-timeout",
-    type=click.FloatRange(0.1),
+    type=click.FloatRange(0),
     default=DEFAULT_LIMITS.ping_timeout,
     show_default=True,
-    help="Seconds a pinged client has to answer.",
+    help="Seconds a pinged client has to answer. 0: ping, but never drop.",
 )
 @click.option(
     "--handshake-timeout",
@@ -225,6 +246,9 @@ def serve(
     max_connections: int,
     max_per_address: int,
     max_message: int,
+    max_frame_size: int,
+    max_send_queue: int,
+    max_rooms_per_session: int,
     ping_interval: float,
     ping_timeout: float,
     handshake_timeout: float,
@@ -244,6 +268,9 @@ def serve(
         max_connections=max_connections,
         max_connections_per_address=max_per_address,
         max_message_bytes=max_message,
+        max_frame_size=max_frame_size,
+        max_send_queue=max_send_queue,
+        max_rooms_per_session=max_rooms_per_session,
         ping_interval=ping_interval,
         ping_timeout=ping_timeout,
         handshake_timeout=handshake_timeout,

@@ -109,14 +109,17 @@ def _reason(exc: ssl.SSLError) -> str:
 def is_loopback(host: str) -> bool:
     """Whether ``host`` names this machine without crossing a network.
 
-    Only literal loopback addresses and ``localhost`` count: any other name
-    is resolved by DNS, which an attacker may answer, so it is treated as
-    remote.
+    Only the name ``localhost`` (any case) and literal loopback addresses
+    (127.0.0.0/8, ``::1``, with or without brackets or an IPv6 zone) count.
+    Every other name goes to the resolver, and may go to DNS, which an
+    attacker may answer: that includes ``*.localhost`` (RFC 6761 asks
+    resolvers to keep those local; not every one does) and ``localhost.``
+    with a trailing dot (an absolute name, looked up as such).
     """
-    name = host.strip().strip("[]").rstrip(".").lower()
-    if name == "localhost" or name.endswith(".localhost"):
+    if host.lower() == "localhost":
         return True
+    address = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     try:
-        return ipaddress.ip_address(name.split("%", 1)[0]).is_loopback
+        return ipaddress.ip_address(address.split("%", 1)[0]).is_loopback
     except ValueError:
         return False

@@ -4,6 +4,7 @@ commands and ``chat join`` with a password (real subprocesses)."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
 import io
@@ -24,7 +25,8 @@ from conftest import WAIT, ServerProcess, chat_command, connect, next_of, run_ch
 from libchat.errors import ChatError, RemoteError
 from libchat.protocol import PROTOCOL_VERSION, FrameDecoder, encode_frame
 from libchat_auth import passwords, service
-from libchat_auth.passwords import hash_password, rounds_from, verify_password
+from libchat_auth.costs import CostCensus
+from libchat_auth.passwords import cost_of, hash_password, rounds_from, verify_password
 from libchat_auth.store import SCHEMA_VERSION, StoreError, UserStore
 from libchat_auth.throttle import LoginThrottle, Refusal, RegistrationThrottle
 
@@ -41,6 +43,16 @@ def add_user(db: Path, name: str, password: str, rounds: int = ROUNDS) -> None:
         store.add(name, hash_password(password, rounds))
     finally:
         store.close()
+
+
+def stored_hash(db: Path, name: str) -> bytes:
+    store = UserStore(db, create=False)
+    try:
+        account = store.get(name)
+    finally:
+        store.close()
+    assert account is not None
+    return account.hash
 
 
 def names_in(db: Path) -> list[str]:
@@ -201,6 +213,130 @@ async def test_a_failing_store_is_an_internal_error_not_a_crash(
         # Store errors are not failed logins: alice is not locked out.
         client = await login(server, "alice", "pw")
         await client.quit()
+
+
+def test_verify_refuses_over_72_bytes_even_where_bcrypt_would_truncate(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    hashed = hash_password("a" * 72, ROUNDS)
+    real_hashpw = passwords.bcrypt.hashpw
+
+    def bcrypt4_hashpw(password: bytes, salt: bytes) -> bytes:
+        # bcrypt 4 (which pyproject allows) reads the first 72 bytes and
+        # ignores the rest, where bcrypt 5 raises ValueError.
+        return real_hashpw(password[: passwords.MAX_PASSWORD_BYTES], salt)
+
+    monkeypatch.setattr(passwords.bcrypt, "hashpw", bcrypt4_hashpw)
+    assert verify_password("a" * 72, hashed)
+    assert not verify_password("a" * 72 + "b", hashed)
+    assert not verify_password("a" * 72 + "é", hashed)
+    with pytest.raises(ChatError, match="73 bytes"):
+        hash_password("a" * 73, ROUNDS)  # never stored cut to 72
+
+
+# -- bcrypt costs: an unknown name costs what a real one does -----------------------------
+
+
+def record_costs(monkeypatch: pytest.MonkeyPatch) -> list[int | None]:
+    """The cost of every hash a login is checked against, in order."""
+    costs: list[int | None] = []
+
+    def recording_verify(password: str, hashed: bytes) -> bool:
+        costs.append(cost_of(hashed))
+        return verify_password(password, hashed)
+
+    monkeypatch.setattr(service, "verify_password", recording_verify)
+    return costs
+
+
+async def test_unknown_names_are_checked_at_the_cost_of_the_stored_hashes(
+    db: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # `chat user add` made these at another cost than the server's (as its
+    # default 12 against a server run with --bcrypt-rounds 4): an unknown
+    # name checked at the server's cost would fail faster than a real one.
+    for name in ("alice", "bob"):
+        add_user(db, name, "pw", rounds=ROUNDS + 1)
+    add_user(db, "carol", "pw", rounds=ROUNDS)
+    costs = record_costs(monkeypatch)
+    caplog.set_level(logging.WARNING, logger="libchat.auth")
+    async with auth_server(db, bcrypt_rounds=ROUNDS) as server:
+        await refused(server, "alice", "wrong")
+        await refused(server, "nobody", "wrong")
+        await refused(server, "carol", "wrong")
+        assert costs == [ROUNDS + 1, ROUNDS + 1, ROUNDS]  # the most common cost
+        assert libchat_auth.authenticator(server).costs.counts == {ROUNDS + 1: 2, ROUNDS: 1}
+    assert "some stored password hashes (2 at cost 5) differ from this server's cost 4" in (
+        caplog.text
+    )
+
+
+async def test_a_login_rehashes_the_password_at_the_configured_cost(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    add_user(db, "alice", "alice-pw", rounds=ROUNDS + 1)
+    costs = record_costs(monkeypatch)
+    async with auth_server(db, bcrypt_rounds=ROUNDS) as server:
+        await refused(server, "alice", "wrong")  # a failure changes nothing
+        assert cost_of(stored_hash(db, "alice")) == ROUNDS + 1
+        alice = await login(server, "alice", "alice-pw")
+        await alice.quit()
+        assert cost_of(stored_hash(db, "alice")) == ROUNDS
+        assert verify_password("alice-pw", stored_hash(db, "alice"))
+        # The census follows: the only account is now at the server's cost,
+        # and so is the check of a name that does not exist.
+        await refused(server, "nobody", "wrong")
+        assert costs == [ROUNDS + 1, ROUNDS + 1, ROUNDS]
+        alice = await login(server, "alice", "alice-pw")  # still the same password
+        await alice.quit()
+
+
+def test_a_rehash_never_overwrites_a_password_changed_meanwhile(db: Path) -> None:
+    add_user(db, "alice", "old-pw", rounds=ROUNDS + 1)
+    store = UserStore(db)
+    try:
+        checked = store.get("alice")
+        assert checked is not None
+        store.set_hash("alice", hash_password("new-pw", ROUNDS + 1))  # chat user passwd
+        assert not store.replace_hash("alice", checked.hash, hash_password("old-pw", ROUNDS))
+        account = store.get("alice")
+        assert account is not None and verify_password("new-pw", account.hash)
+        assert store.costs() == {ROUNDS + 1: 1}
+    finally:
+        store.close()
+
+
+async def test_the_census_follows_accounts_added_while_the_server_runs(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    add_user(db, "alice", "pw", rounds=ROUNDS)
+    costs = record_costs(monkeypatch)
+    async with auth_server(db, bcrypt_rounds=ROUNDS) as server:
+        census = libchat_auth.authenticator(server).costs
+        await refused(server, "nobody", "x")
+        for name in ("bob", "carol"):  # `chat user add` beside the running server
+            add_user(db, name, "pw", rounds=ROUNDS + 1)
+        await refused(server, "nobody", "x")  # not read again yet
+        census.refresh_after = 0.0
+        await refused(server, "nobody", "x")
+    assert costs == [ROUNDS, ROUNDS, ROUNDS + 1]
+
+
+def test_cost_census() -> None:
+    clock = FakeClock()
+    census = CostCensus(12, refresh_after=60.0, clock=clock)
+    assert census.stale() and census.dummy_cost() == 12  # empty: the configured cost
+    census.replace({10: 3, 11: 3, 4: 1, 9: 0})
+    assert not census.stale() and census.dummy_cost() == 11  # a tie: the higher
+    assert census.others() == {4: 1, 10: 3, 11: 3}
+    census.changed(11, 12)
+    census.added(12)
+    assert census.dummy_cost() == 10 and census.counts[12] == 2
+    clock.now += 60.0
+    assert census.stale()
+    assert cost_of(b"$2b$07$" + b"x" * 53) == 7 and cost_of(b"not a hash") is None
+    assert cost_of(passwords.dummy_hash(5)) == 5
+    assert not verify_password("", passwords.dummy_hash(ROUNDS))
 
 
 # -- registration ---------------------------------------------------------------------
@@ -546,6 +682,23 @@ def test_user_commands(db: Path) -> None:
     assert names_in(db) == ["Alice"]
 
 
+def test_only_user_add_creates_the_database(tmp_path: Path) -> None:
+    typo = tmp_path / "typo.db"
+    env = {**FAST_ENV, "CHAT_PASSWORD": "pw"}
+    for args in (["list"], ["passwd", "alice"], ["remove", "alice"]):
+        result = run_chat("user", *args, "--db", str(typo), env=env)
+        assert result.returncode == 1, args
+        assert result.stderr == (
+            f"Error: there is no user database {typo} (`chat user add` creates one)\n"
+        )
+        assert not typo.exists(), args
+    assert run_chat("user", "add", "alice", "--db", str(typo), env=env).returncode == 0
+    assert run_chat("user", "list", "--db", str(typo)).stdout == "alice\n"
+    with pytest.raises(StoreError, match="no user database"):
+        UserStore(tmp_path / "missing.db", create=False)
+    assert not (tmp_path / "missing.db").exists()
+
+
 def test_user_add_refuses_bad_input(db: Path) -> None:
     too_long = run_chat("user", "add", "carol", "--db", str(db),
                         env={**FAST_ENV, "CHAT_PASSWORD": "x" * 73})  # fmt: skip
@@ -686,3 +839,25 @@ def test_serve_allow_register(db: Path) -> None:
     finally:
         proc.stop()
     assert names_in(db) == ["newbie"]
+
+
+# -- one definition of each shared name ---------------------------------------------------
+
+
+def test_the_password_variable_and_auth_required_code_are_defined_once() -> None:
+    import libchat_cli
+
+    root = Path(libchat_cli.__file__).parents[2]
+    defined = {
+        (path.relative_to(root).as_posix(), target.id)
+        for path in sorted((root / "cli").rglob("*.py")) + sorted((root / "plugins").rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text("utf-8")))
+        if isinstance(node, ast.Assign)
+        for target in node.targets
+        if isinstance(target, ast.Name) and target.id in ("PASSWORD_ENV", "AUTH_REQUIRED")
+    }
+    assert defined == {
+        ("cli/libchat_cli/options.py", "PASSWORD_ENV"),
+        ("cli/libchat_cli/options.py", "AUTH_REQUIRED"),
+    }
+    assert libchat_auth.AuthRequired.code == libchat_auth.AUTH_REQUIRED == "auth_required"

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 import libchat
+import libchat_dm
 from conftest import WAIT, ServerProcess, chat_command, connect, run_chat, running_server
 from libchat.errors import RemoteError
 from libchat.protocol import fold
@@ -60,6 +61,20 @@ class Accounts:
     async def libchat_account_exists(self, name: str) -> bool:
         await self.gate.wait()
         return fold(name) in self.known
+
+
+class Departures:
+    """A plugin that tells when a user's session has ended (detached)."""
+
+    def __init__(self) -> None:
+        self.left: dict[str, asyncio.Event] = {}
+
+    def event(self, name: str) -> asyncio.Event:
+        return self.left.setdefault(fold(name), asyncio.Event())
+
+    @libchat.hookimpl
+    def libchat_session_closed(self, session: libchat.Session) -> None:
+        self.event(session.name).set()
 
 
 async def login(server: libchat.Server, user: str) -> libchat.Client:
@@ -109,6 +124,10 @@ async def test_msg_command_replies_with_a_line_to_print(dm_server: libchat.Serve
     # control characters are escaped in the line the sender's terminal prints
     reply = await alice.command("msg", "bob bell\x07")
     assert reply["text"] == "[private] alice -> bob: bell\\x07"
+    # and so are the characters that reorder text or hide in it (the
+    # terminal's own cleaning, libchat_cli.render.clean, is the one used)
+    reply = await alice.command("msg", "bob txt.\u202eexe\u200b\u2067")
+    assert reply["text"] == "[private] alice -> bob: txt.\\u202eexe\\u200b\\u2067"
     await alice.quit()
     await bob.quit()
 
@@ -286,6 +305,85 @@ async def test_stored_for_an_offline_account_delivered_once_in_order(tmp_path: P
         await assert_next_chat_is(bob, "alice", "live")
         await alice.quit()
         await bob.quit()
+
+
+async def test_stored_mail_survives_a_recipient_who_leaves_during_delivery(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    departures = Departures()
+    config = {"db": str(tmp_path / "chat.db")}
+    async with running_server(plugins=["dm", Accounts("bob"), departures], config=config) as server:
+        alice = await connect(server, "alice")
+        assert (await alice.command("msg", "bob the key is 42"))["stored"] is True
+        store = libchat_dm.state(server).store
+        assert store is not None
+        # Hold bob's first delivery right after the mail left the store (in
+        # production: the executor hop and SQLite), until bob is gone.
+        taken, go = asyncio.Event(), asyncio.Event()
+        real_take = store.take
+
+        async def held_take(recipient: str) -> Any:
+            rows = await real_take(recipient)
+            if rows and not taken.is_set():
+                taken.set()
+                await go.wait()
+            return rows
+
+        monkeypatch.setattr(store, "take", held_take)
+        bob = await login(server, "bob")
+        await asyncio.wait_for(taken.wait(), WAIT)
+        await bob.close()  # the laptop lid closes right after login
+        await asyncio.wait_for(departures.event("bob").wait(), WAIT)
+        go.set()
+        # Delivered to nobody, so not lost: bob gets it at his next login...
+        bob = await login(server, "bob")
+        event = await next_chat(bob)
+        assert isinstance(event, libchat.PrivateMessage) and event.text == "the key is 42"
+        await bob.quit()
+        # ...once.
+        bob = await login(server, "bob")
+        await alice.send("live")
+        await assert_next_chat_is(bob, "alice", "live")
+        assert await store.count("bob") == 0
+        await alice.quit()
+        await bob.quit()
+
+
+async def test_a_flush_that_reaches_nobody_keeps_the_mail_in_order(tmp_path: Path) -> None:
+    config = {"db": str(tmp_path / "chat.db")}
+    async with running_server(plugins=["dm", Accounts("bob")], config=config) as server:
+        alice = await connect(server, "alice")
+        for text in ("one", "two"):
+            await alice.private("bob", text)
+        dm = libchat_dm.state(server)
+        assert dm.store is not None
+        # bob is offline: the hub hands the messages to nobody (send_to_user
+        # answers 0), so they must stay where they were.
+        assert await dm.flush("bob") == 0
+        assert await dm.store.count("bob") == 2
+        await alice.private("bob", "three")
+        bob = await login(server, "bob")
+        texts = [(await next_chat(bob)).text for _ in range(3)]  # type: ignore[attr-defined]
+        assert texts == ["one", "two", "three"]
+        await alice.quit()
+        await bob.quit()
+
+
+async def test_pending_store_puts_back_in_place(tmp_path: Path) -> None:
+    from libchat_dm.store import PendingStore
+
+    store = await PendingStore.open(str(tmp_path / "chat.db"), max_per_user=10)
+    try:
+        for n in (1, 2, 3):
+            assert await store.put("bob", {"text": str(n)})
+        rows = await store.take("bob")
+        assert [r.header["text"] for r in rows] == ["1", "2", "3"]
+        assert await store.take("bob") == []  # taken once
+        assert await store.put("bob", {"text": "4"})
+        await store.restore("bob", rows[1:])  # "1" was delivered, the rest was not
+        assert [r.header["text"] for r in await store.take("bob")] == ["2", "3", "4"]
+    finally:
+        await store.close()
 
 
 async def test_stored_messages_survive_a_restart(tmp_path: Path) -> None:

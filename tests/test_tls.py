@@ -86,18 +86,37 @@ def test_context_files_that_cannot_be_used_are_clear_errors(certs: Certs, tmp_pa
 
 
 def test_is_loopback() -> None:
-    for host in (
-        "127.0.0.1",
-        "127.8.9.10",
-        "::1",
-        "[::1]",
-        "localhost",
-        "LOCALHOST.",
-        "a.localhost",
-    ):
+    for host in ("127.0.0.1", "127.8.9.10", "::1", "[::1]", "::1%lo", "localhost", "LocalHost"):
         assert is_loopback(host), host
     for host in ("192.0.2.1", "0.0.0.0", "", "example.org", "localhost.example.org", "::"):
         assert not is_loopback(host), host
+
+
+def test_only_literal_localhost_counts_not_names_that_may_reach_dns() -> None:
+    # *.localhost and the absolute name "localhost." are resolved like any
+    # other name (on this host, by DNS): they may point anywhere.
+    for host in ("a.localhost", "foo.localhost", "LOCALHOST.", "localhost.", "[localhost]"):
+        assert not is_loopback(host), host
+    # Not the textual forms of an address that only some resolvers accept.
+    for host in ("127.1", "2130706433", "0x7f000001", "127.0.0.1.", " 127.0.0.1"):
+        assert not is_loopback(host), host
+
+
+def test_no_plaintext_password_to_a_dot_localhost_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    attempts: list[tuple[Any, ...]] = []
+
+    async def no_network(*args: Any, **kwargs: Any) -> Any:
+        attempts.append(args)
+        raise AssertionError("must not connect")
+
+    monkeypatch.setattr(asyncio, "open_connection", no_network)
+    result = CliRunner().invoke(
+        chat_cli, ["join", "--host", "foo.localhost", "--user", "alice"],
+        env={"CHAT_PASSWORD": "pw"},
+    )  # fmt: skip
+    assert result.exit_code == 1
+    assert "refusing to send a password unencrypted to foo.localhost" in result.output
+    assert attempts == []
 
 
 # -- in process -----------------------------------------------------------------------

@@ -41,8 +41,11 @@ from libchat.tls import TLSError, client_context, is_loopback
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
 
+#: Where every ``chat`` command (and the auth plugin's ``chat user``) finds
+#: a password: never a command-line argument, which ``ps`` shows to anyone.
 PASSWORD_ENV = "CHAT_PASSWORD"
-#: The error code an auth server answers a hello without a password with.
+#: The error code an auth server answers a hello without a password with
+#: (the auth plugin's AuthRequired uses this very constant).
 AUTH_REQUIRED = "auth_required"
 
 

@@ -18,17 +18,22 @@ from libchat.events import ErrorEvent, Event, Message, Notice, Presence, Private
 
 log = logging.getLogger("libchat.cli")
 
-# C0 controls but tab (ESC starts every escape sequence; CR and LF could forge
-# a line), DEL, the C1 controls (U+009B is a one-character CSI for terminals
-# that honour 8-bit controls), the Unicode line and paragraph separators, and
-# the bidirectional embeddings, overrides and isolates that can make text
-# display in an order other than the one it was sent in.
-_UNSAFE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+# The one list of what must not reach a terminal raw (the plugins' terminal
+# output uses clean() too): C0 controls but tab (ESC starts every escape
+# sequence; CR and LF could forge a line), DEL, the C1 controls (U+009B is a
+# one-character CSI for terminals that honour 8-bit controls), the zero-width
+# characters and the bidirectional marks (U+061C, U+200B-U+200F) that make
+# two names look alike or reorder what follows, the Unicode line and paragraph
+# separators, and the bidirectional embeddings, overrides and isolates that
+# can make text display in an order other than the one it was sent in.
+_UNSAFE = re.compile(
+    "[\x00-\x08\x0a-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]"
+)
 
 
 def clean(text: str) -> str:
     """``text`` made safe to print: unsafe characters shown escaped (an ESC
-    becomes the four characters ``\\x1b``)."""
+    becomes the four characters ``\\x1b``, U+202E the six ``\\u202e``)."""
     return _UNSAFE.sub(lambda m: repr(m.group())[1:-1], text)
 
 

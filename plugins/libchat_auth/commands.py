@@ -2,6 +2,8 @@
 
 A password is never a command-line argument (other users can read those in
 ``ps``): it comes from $CHAT_PASSWORD, else from a hidden prompt asked twice.
+Only ``user add`` creates a missing database; the others say it is missing
+(a mistyped ``--db`` must not quietly become a new, empty store).
 """
 
 from __future__ import annotations
@@ -16,13 +18,12 @@ import click
 
 from libchat.errors import ChatError
 from libchat.protocol import check_nick
+from libchat_cli.options import PASSWORD_ENV
 
 from .passwords import MAX_ROUNDS, MIN_ROUNDS, ROUNDS_ENV, hash_password, rounds_from
 from .store import UserStore
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-PASSWORD_ENV = "CHAT_PASSWORD"
 
 
 def db_option(func: F) -> F:
@@ -31,7 +32,7 @@ def db_option(func: F) -> F:
         type=click.Path(dir_okay=False),
         envvar="CHAT_DB",
         required=True,
-        help="The SQLite user database (or set CHAT_DB); created if missing.",
+        help="The SQLite user database (or set CHAT_DB); `user add` creates it.",
     )(func)
 
 
@@ -46,10 +47,11 @@ def rounds_option(func: F) -> F:
 
 
 @contextmanager
-def open_store(path: str) -> Iterator[UserStore]:
-    """The store, with library errors turned into one-line CLI errors."""
+def open_store(path: str, *, create: bool = False) -> Iterator[UserStore]:
+    """The store, with library errors turned into one-line CLI errors. A
+    missing file is an error unless ``create``."""
     try:
-        store = UserStore(path)
+        store = UserStore(path, create=create)
     except ChatError as exc:
         raise click.ClickException(exc.message) from None
     try:
@@ -105,7 +107,7 @@ def add(name: str, db: str, rounds: int | None) -> None:
     """Create the account NAME. The password comes from $CHAT_PASSWORD,
     else from a prompt."""
     name = checked_name(name)
-    with open_store(db) as store:
+    with open_store(db, create=True) as store:
         if store.get(name) is not None:
             raise click.ClickException(f"user {name!r} already exists")
         store.add(name, hashed(new_password(name), rounds))

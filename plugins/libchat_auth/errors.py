@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from libchat.errors import HandshakeError
 
-#: The code of :class:`AuthRequired`, which clients test for.
-AUTH_REQUIRED = "auth_required"
+# The code of AuthRequired, which clients test for: defined once, where the
+# client that reacts to it (by asking for the password) lives.
+from libchat_cli.options import AUTH_REQUIRED
+
+__all__ = ["AUTH_REQUIRED", "AuthRequired"]
 
 
 class AuthRequired(HandshakeError):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import secrets
 
 import bcrypt
 
@@ -18,9 +19,12 @@ DEFAULT_ROUNDS = 12
 #: Environment variable that sets the cost (tests use 4, the minimum).
 ROUNDS_ENV = "CHAT_BCRYPT_ROUNDS"
 MIN_ROUNDS, MAX_ROUNDS = 4, 31
-#: bcrypt reads at most this many bytes of a password; bcrypt 5 refuses more
-#: rather than silently ignoring the rest.
+#: bcrypt reads at most this many bytes of a password. bcrypt 5 refuses more,
+#: bcrypt 4 silently ignores the rest; we check the length ourselves so that
+#: both behave the same (a longer password is never cut to fit).
 MAX_PASSWORD_BYTES = 72
+#: The characters of bcrypt's base64 (salt and digest).
+_BCRYPT_ALPHABET = "./ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 
 
 class PasswordRejected(ChatError):
@@ -75,6 +79,10 @@ def verify_password(password: str, hashed: bytes) -> bool:
     password bcrypt refuses (over 72 bytes, not encodable) does not match."""
     try:
         raw = encode(password)
+        if len(raw) > MAX_PASSWORD_BYTES:
+            # Checked here, not left to bcrypt: bcrypt 4 would compare only
+            # the first 72 bytes, and a longer password would log in.
+            return False
         # hashpw re-derives the hash with the stored salt and cost; the
         # comparison takes the same time wherever the first difference is.
         return hmac.compare_digest(bcrypt.hashpw(raw, hashed), hashed)
@@ -82,7 +90,20 @@ def verify_password(password: str, hashed: bytes) -> bool:
         return False
 
 
+def cost_of(hashed: bytes) -> int | None:
+    """The cost a bcrypt hash (``$2b$12$...``) was made with; None if it is
+    not one."""
+    parts = hashed.split(b"$", 3)
+    if len(parts) < 4 or not parts[2].isdigit():
+        return None
+    return int(parts[2])
+
+
 def dummy_hash(rounds: int) -> bytes:
-    """A hash of a random secret, to check unknown names against so that they
-    cost as much time as a wrong password for a real account."""
-    return bcrypt.hashpw(os.urandom(18).hex().encode("ascii"), bcrypt.gensalt(rounds))
+    """A well-formed bcrypt hash at cost ``rounds`` that no password matches,
+    to check unknown names against so that they cost as much time as a wrong
+    password for a real account. Checking a password only uses the hash's
+    cost and salt, so a fresh salt and a random digest do (and making it is
+    free, at any cost)."""
+    digest = "".join(secrets.choice(_BCRYPT_ALPHABET) for _ in range(31))
+    return bcrypt.gensalt(rounds) + digest.encode("ascii")

@@ -2,7 +2,8 @@
 
 Every answer a client can see is one of: the account's name (logged in),
 ``authentication failed`` (wrong password *or* unknown name: the same words
-and, thanks to a dummy bcrypt check, the same cost), ``auth_required`` (no
+and, thanks to a dummy bcrypt check at the cost of the stored hashes, the
+same time; see :mod:`libchat_auth.costs`), ``auth_required`` (no
 password at all), or ``rate_limited`` (too many failures; this is keyed by the
 name asked for whether or not it exists, so it reveals nothing either).
 """
@@ -18,16 +19,18 @@ from typing import Any
 from libchat.errors import AuthenticationFailed, ChatError, RateLimited
 from libchat.protocol import check_nick, fold
 
+from .costs import CostCensus
 from .errors import AuthRequired
 from .passwords import (
     MAX_PASSWORD_BYTES,
     PasswordRejected,
+    cost_of,
     dummy_hash,
     hash_password,
     rounds_from,
     verify_password,
 )
-from .store import AccountExists, AsyncUserStore
+from .store import Account, AccountExists, AsyncUserStore
 from .throttle import LoginThrottle, RegistrationThrottle
 
 log = logging.getLogger("libchat.auth")
@@ -109,11 +112,29 @@ class Authenticator:
             config.auth_max_failures_per_address, config.auth_lockout, config.auth_max_lockout
         )
         self.registrations = RegistrationThrottle(config.register_limit, config.register_window)
-        self._dummy = b""
+        #: The bcrypt costs in the store: what an unknown name is checked at.
+        self.costs = CostCensus(config.bcrypt_rounds)
+        self._dummy = dummy_hash(config.bcrypt_rounds)
 
     async def open(self) -> None:
         await self.store.open()
-        self._dummy = await asyncio.to_thread(dummy_hash, self.config.bcrypt_rounds)
+        await self._refresh_costs()
+        self._report_costs()
+
+    def _report_costs(self) -> None:
+        others = self.costs.others()
+        if not others:
+            return
+        listed = ", ".join(f"{n} at cost {cost}" for cost, n in others.items())
+        log.warning(
+            "bcrypt: some stored password hashes (%s) differ from this server's cost %d; "
+            "each is rehashed at its owner's next login. Until then unknown names are "
+            "checked at cost %d, the most common, and accounts at another cost can be "
+            "told apart from names that do not exist by how long a failed login takes",
+            listed,
+            self.config.bcrypt_rounds,
+            self.costs.dummy_cost(),
+        )
 
     async def close(self) -> None:
         await self.store.close()
@@ -174,14 +195,53 @@ class Authenticator:
         """The account's name if ``password`` is right, else None."""
         valid = isinstance(password, str)
         text = password if isinstance(password, str) else ""
+        # Before the lookup, for known and unknown names alike.
+        await self._refresh_costs()
         account = await self.store.get(name)
         if account is None and self.config.allow_register:
             return await self._register(name, text, address)
         # An unknown name, or a password that is not even a string, is still
         # checked (it cannot match): the same cost, the same answer.
-        hashed = account.hash if account is not None else self._dummy
+        hashed = account.hash if account is not None else self._dummy_hash()
         matched = await asyncio.to_thread(verify_password, text, hashed)
-        return account.name if (matched and valid and account is not None) else None
+        if not (matched and valid and account is not None):
+            return None
+        await self._rehash_if_needed(account, text)
+        return account.name
+
+    def _dummy_hash(self) -> bytes:
+        """A hash no password matches, at the cost most stored hashes have."""
+        cost = self.costs.dummy_cost()
+        if cost_of(self._dummy) != cost:
+            self._dummy = dummy_hash(cost)
+        return self._dummy
+
+    async def _refresh_costs(self) -> None:
+        """Read the store's bcrypt costs again if the census is stale."""
+        if self.costs.stale():
+            self.costs.replace(await self.store.costs())
+
+    async def _rehash_if_needed(self, account: Account, password: str) -> None:
+        """After a successful login, store the password hashed at the
+        configured cost if its hash has another one: the store converges to
+        one cost, the one unknown names are then checked at. A failure here
+        costs the login nothing."""
+        old_cost, rounds = cost_of(account.hash), self.config.bcrypt_rounds
+        if old_cost == rounds:
+            return
+        try:
+            new = await asyncio.to_thread(hash_password, password, rounds)
+            # Only if the hash is still the one just checked: a password
+            # changed meanwhile (chat user passwd) is not overwritten.
+            replaced = await self.store.replace_hash(account.name, account.hash, new)
+        except PasswordRejected:
+            return  # a password the rules would not take today: leave it be
+        except Exception as exc:
+            log.warning("could not rehash the password of %s: %s", account.name, exc)
+            return
+        if replaced:
+            self.costs.changed(old_cost, rounds)
+            log.info("rehashed %s's password at cost %d (was %s)", account.name, rounds, old_cost)
 
     def _check_throttles(self, name: str, address: str) -> None:
         refusals = [
@@ -221,5 +281,6 @@ class Authenticator:
             ):
                 return None
             return existing.name
+        self.costs.added(self.config.bcrypt_rounds)
         log.info("registered %s from %s", name, address)
         return account.name

@@ -5,7 +5,9 @@ server calls it through :class:`AsyncUserStore`, which runs every call on one
 dedicated thread (SQLite never runs on the event loop, and one connection used
 by one thread needs no lock).
 
-The file is created on first use. Its schema version lives in ``PRAGMA
+The file is created on first use (``create=False`` refuses a missing file
+instead: ``chat user list --db typo.db`` must not make an empty database).
+Its schema version lives in ``PRAGMA
 user_version``; a file written by a newer libchat is refused rather than
 misread. WAL journaling lets ``chat user add`` write while a server reads, and
 a busy timeout makes the two wait for each other instead of failing.
@@ -17,6 +19,7 @@ import asyncio
 import functools
 import sqlite3
 import time
+import urllib.parse
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -62,13 +65,18 @@ class Account:
 
 
 class UserStore:
-    """Accounts in the SQLite file at ``path`` (``":memory:"`` for tests)."""
+    """Accounts in the SQLite file at ``path`` (``":memory:"`` for tests).
+    With ``create=False`` a missing file is a StoreError, not a new store."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, create: bool = True) -> None:
         self.path = str(path)
         try:
-            self._db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None)
+            self._db = _connect(self.path, create=create)
         except sqlite3.Error as exc:
+            if not create and not Path(self.path).exists():
+                raise StoreError(
+                    f"there is no user database {self.path} (`chat user add` creates one)"
+                ) from None
             raise StoreError(f"cannot open the user database {self.path}: {exc}") from None
         try:
             self._migrate()
@@ -115,6 +123,12 @@ class UserStore:
     def schema_version(self) -> int:
         return int(self._db.execute("PRAGMA user_version").fetchone()[0])
 
+    def costs(self) -> dict[int, int]:
+        """How many accounts have a hash of each bcrypt cost."""
+        # "$2b$12$...": the cost is characters 5-6 (SQLite counts from 1).
+        rows = self._db.execute("SELECT substr(hash, 5, 2), COUNT(*) FROM users GROUP BY 1")
+        return {int(cost): count for cost, count in rows if str(cost).isdigit()}
+
     # -- writing ----------------------------------------------------------------------
 
     def add(self, name: str, hashed: bytes) -> Account:
@@ -137,6 +151,16 @@ class UserStore:
         )
         return cursor.rowcount > 0
 
+    def replace_hash(self, name: str, old: bytes, new: bytes) -> bool:
+        """Change the hash of ``name`` to ``new`` only if it still is ``old``
+        (a password changed meanwhile by ``chat user passwd`` stays); return
+        whether it did."""
+        cursor = self._db.execute(
+            "UPDATE users SET hash = ? WHERE key = ? AND hash = ?",
+            (new.decode("ascii"), fold(name), old.decode("ascii")),
+        )
+        return cursor.rowcount > 0
+
     def remove(self, name: str) -> bool:
         """Delete an account; False if there was none."""
         cursor = self._db.execute("DELETE FROM users WHERE key = ?", (fold(name),))
@@ -144,6 +168,15 @@ class UserStore:
 
     def close(self) -> None:
         self._db.close()
+
+
+def _connect(path: str, *, create: bool) -> sqlite3.Connection:
+    if create or path == ":memory:":
+        return sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None)
+    # mode=rw opens an existing file and fails on a missing one, in one step
+    # (checking first and opening after would race with a file removed between).
+    uri = "file:" + urllib.parse.quote(str(Path(path).absolute())) + "?mode=rw"
+    return sqlite3.connect(uri, timeout=BUSY_TIMEOUT, isolation_level=None, uri=True)
 
 
 class AsyncUserStore:
@@ -177,6 +210,12 @@ class AsyncUserStore:
 
     async def add(self, name: str, hashed: bytes) -> Account:
         return await self._run(self.store.add, name, hashed)
+
+    async def costs(self) -> dict[int, int]:
+        return await self._run(self.store.costs)
+
+    async def replace_hash(self, name: str, old: bytes, new: bytes) -> bool:
+        return await self._run(self.store.replace_hash, name, old, new)
 
     async def close(self) -> None:
         if self._store is not None:

@@ -27,8 +27,9 @@ from typing import TYPE_CHECKING, Any
 
 from libchat import Command, hookimpl
 from libchat.errors import BadRequest, ChatError
+from libchat_cli.render import clean
 
-from .service import DirectMessages, printable
+from .service import DirectMessages
 from .store import PendingStore
 
 if TYPE_CHECKING:
@@ -127,4 +128,4 @@ async def reply_command(session: Session, args: str, request: dict[str, Any]) ->
 def _confirmation(session: Session, sent: dict[str, Any], text: str) -> str:
     """The line the sender's terminal prints, as the recipient's shows it."""
     note = " (offline: delivered when they next log in)" if sent.get("stored") else ""
-    return f"[private] {session.name} -> {sent['to']}{note}: {printable(text)}"
+    return f"[private] {session.name} -> {sent['to']}{note}: {clean(text)}"

@@ -9,7 +9,6 @@ session's name, whatever the client put in its request.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -18,7 +17,7 @@ from libchat.errors import BadRequest, NotFound, Rejected
 from libchat.plugins import call_firstresult
 from libchat.protocol import check_nick, check_text, encode_frame, fold
 
-from .store import PendingStore
+from .store import Pending, PendingStore
 
 if TYPE_CHECKING:
     from libchat import Server, Session
@@ -35,7 +34,9 @@ LAST_FROM = "dm.last_from"
 #: The hook an accounts plugin implements to answer :data:`AccountCheck`.
 ACCOUNT_HOOK = "libchat_account_exists"
 
-_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+#: Rounds of taking and delivering one :meth:`DirectMessages.flush` makes at
+#: most when the user keeps coming and going while it runs.
+FLUSH_ROUNDS = 3
 
 
 async def ask_account_plugins(server: Server, name: str) -> bool:
@@ -46,12 +47,6 @@ async def ask_account_plugins(server: Server, name: str) -> bool:
     if hook is None or not hook.get_hookimpls():
         return False
     return bool(await call_firstresult(hook, server=server, name=name))
-
-
-def printable(text: str) -> str:
-    """``text`` with control characters shown escaped, for a line a
-    terminal prints as is (the command reply's ``text``)."""
-    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 class DirectMessages:
@@ -133,22 +128,61 @@ class DirectMessages:
 
     async def flush(self, name: str) -> int:
         """Deliver, oldest first, every stored message for ``name`` to every
-        connection the user has; return how many there were."""
+        connection the user has; return how many were delivered.
+
+        A message leaves the store only once the hub has handed it to one of
+        the user's connections at least: if the user left meanwhile, it and
+        those after it go back, in their place, for the next login."""
         if self.store is None:
             return 0
-        headers = await self.store.take(fold(name))
-        for header in headers:
-            await self.server.hub.send_to_user(name, encode_frame(header))
-            await self.server.hub.set_user_data(name, LAST_FROM, str(header.get("from", "")))
-        if headers:
-            log.info("delivered %d stored private messages to %s", len(headers), name)
-        return len(headers)
+        delivered = 0
+        for _ in range(FLUSH_ROUNDS):
+            sent, put_back = await self._deliver_stored(name)
+            delivered += sent
+            # Messages went back while the user is online again: their login
+            # may have looked while the messages were out. Look for them.
+            if not put_back or await self.server.hub.online(name) is None:
+                break
+        if delivered:
+            log.info("delivered %d stored private messages to %s", delivered, name)
+        return delivered
+
+    async def _deliver_stored(self, name: str) -> tuple[int, int]:
+        """Take what waits for ``name`` and deliver it in order, up to the
+        first message nobody received; put that one and the rest back.
+        Return how many were delivered and how many went back."""
+        assert self.store is not None
+        recipient, hub = fold(name), self.server.hub
+        rows: list[Pending] = await self.store.take(recipient)
+        sent = 0
+        try:
+            for row in rows:
+                if not await hub.send_to_user(name, encode_frame(row.header)):
+                    break  # nobody is connected any more
+                sent += 1
+                await hub.set_user_data(name, LAST_FROM, str(row.header.get("from", "")))
+        finally:
+            # Also when the delivery failed (or the server is shutting down):
+            # whatever was not handed over is not lost.
+            await self.store.restore(recipient, rows[sent:])
+        return sent, len(rows) - sent
 
     async def session_opened(self, session: Session) -> None:
         # Only an authenticated session proves it is the account the mail is
         # for; anyone may take a free name on a server without accounts.
         if self.store is not None and session.authenticated:
-            await self.flush(session.name)
+            # Not in the session's own task: the session keeps handling its
+            # connection while the store is read, so if the connection ends
+            # meanwhile the user goes offline and the mail stays stored,
+            # instead of being written to a connection that is gone.
+            self.server.spawn(self._flush_quietly(session.name), name="libchat-dm-flush")
+
+    async def _flush_quietly(self, name: str) -> None:
+        try:
+            await self.flush(name)
+        except Exception:
+            # What was not delivered is back in the store: the next login retries.
+            log.exception("delivering stored private messages to %s failed", name)
 
     async def close(self) -> None:
         if self.store is not None:

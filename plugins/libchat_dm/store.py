@@ -3,8 +3,11 @@
 One SQLite table in the server's ``--db`` file, beside whatever other
 plugins keep there. Every call runs on a single worker thread that the store
 owns: the event loop never touches SQLite, and one thread runs the calls one
-at a time, in the order they were made, so stored messages keep their order
-and a message is taken by exactly one login.
+at a time, in the order they were made, so stored messages keep their order.
+Taking is one write transaction, so a message is taken by exactly one login
+(even with several servers sharing the file). What was taken but could not
+be delivered is put back in its place (:meth:`PendingStore.restore`): a
+message leaves the store for good only once it has been handed over.
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ import asyncio
 import contextlib
 import json
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -27,6 +31,14 @@ CREATE TABLE IF NOT EXISTS dm_pending (
 );
 CREATE INDEX IF NOT EXISTS dm_pending_by_recipient ON dm_pending (recipient, id);
 """
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """A stored message: its place in the store, and its dm frame header."""
+
+    id: int
+    header: dict[str, Any]
 
 
 class PendingStore:
@@ -77,9 +89,12 @@ class PendingStore:
             )
         return True
 
-    def _take(self, recipient: str) -> list[dict[str, Any]]:
+    def _take(self, recipient: str) -> list[Pending]:
         db = self._conn()
-        with db:
+        # IMMEDIATE: the read and the delete are one write transaction, so
+        # another process sharing the file cannot take the same rows.
+        db.execute("BEGIN IMMEDIATE")
+        try:
             rows = db.execute(
                 "SELECT id, header FROM dm_pending WHERE recipient = ? ORDER BY id", (recipient,)
             ).fetchall()
@@ -88,7 +103,21 @@ class PendingStore:
                     "DELETE FROM dm_pending WHERE recipient = ? AND id <= ?",
                     (recipient, rows[-1][0]),
                 )
-        return [json.loads(header) for _id, header in rows]
+            db.commit()
+        except BaseException:
+            db.rollback()
+            raise
+        return [Pending(row_id, json.loads(header)) for row_id, header in rows]
+
+    def _restore(self, recipient: str, rows: Sequence[Pending]) -> None:
+        db = self._conn()
+        with db:
+            # The original ids: the messages go back in their place, before
+            # any stored since (ids only grow), and the order holds.
+            db.executemany(
+                "INSERT INTO dm_pending (id, recipient, header) VALUES (?, ?, ?)",
+                [(row.id, recipient, json.dumps(row.header, ensure_ascii=False)) for row in rows],
+            )
 
     def _count(self, recipient: str) -> int:
         query = "SELECT COUNT(*) FROM dm_pending WHERE recipient = ?"
@@ -107,10 +136,17 @@ class PendingStore:
         that user already has ``max_per_user`` messages waiting."""
         return await self._run(self._put, recipient, header)
 
-    async def take(self, recipient: str) -> list[dict[str, Any]]:
+    async def take(self, recipient: str) -> list[Pending]:
         """Every message waiting for ``recipient``, oldest first, removed
-        from the store in the same transaction."""
+        from the store in the same transaction. Give back what could not be
+        delivered with :meth:`restore`."""
         return await self._run(self._take, recipient)
+
+    async def restore(self, recipient: str, rows: Sequence[Pending]) -> None:
+        """Put messages :meth:`take` returned back, in their place. (They do
+        not count against ``max_per_user``: they were already accepted.)"""
+        if rows:
+            await self._run(self._restore, recipient, list(rows))
 
     async def count(self, recipient: str) -> int:
         """How many messages wait for ``recipient``."""

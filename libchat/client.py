@@ -53,7 +53,7 @@ class Client:
         conn: Connection,
         *,
         user: str,
-        room: str,
+        room: str | None,
         plugins: Iterable[PluginSpec] = (),
         receive_events: bool = True,
         request_timeout: float = 30.0,
@@ -113,7 +113,13 @@ class Client:
                 header = frame.header
                 kind = frame.type
                 request_id = header.get("id")
-                if kind in ("ok", "error", "pong") and request_id in self._pending:
+                # Our ids are strings; another type (even an unhashable one
+                # from a broken server) matches no request.
+                if (
+                    kind in ("ok", "error", "pong")
+                    and isinstance(request_id, str)
+                    and request_id in self._pending
+                ):
                     future = self._pending.pop(request_id)
                     if not future.done():
                         future.set_result(header)
@@ -133,13 +139,20 @@ class Client:
             self.close_reason = self.close_reason or exc.message
         except ProtocolError as exc:
             self.close_reason = f"protocol error: {exc.message}"
+        except Exception as exc:
+            # A frame this client could not handle (a server bug, or a newer
+            # server): the connection ends with the reason; the error must
+            # not escape through quit() or close() later.
+            log.warning("closing: a frame from the server broke the client", exc_info=True)
+            self.close_reason = f"protocol error: {type(exc).__name__}: {exc}"
         finally:
             for future in self._pending.values():
                 if not future.done():
                     future.set_exception(ConnectionClosed(self.close_reason or "connection closed"))
             self._pending.clear()
             self._events.put_nowait(_CLOSED)
-            await conn.close()
+            with contextlib.suppress(Exception):
+                await conn.close()
 
     async def _consumed(self, hook: Any, event: Event) -> bool:
         """Offer ``event`` to the client-side plugins; a failing plugin is
@@ -257,8 +270,17 @@ class Client:
         return list(reply.get("members", []))
 
     async def list_rooms(self) -> list[tuple[str, int]]:
+        """Every room with its number of users, sorted; the server lists at
+        most its ``max_list_items`` (the first, sorted)."""
         reply = await self.request({"type": "rooms"})
-        return [(str(r["room"]), int(r["members"])) for r in reply.get("rooms", [])]
+        rooms = reply.get("rooms")
+        return [
+            (r["room"], r["members"])
+            for r in (rooms if isinstance(rooms, list) else [])
+            if isinstance(r, dict)
+            and isinstance(r.get("room"), str)
+            and isinstance(r.get("members"), int)
+        ]
 
     async def command(self, name: str, args: str = "", room: str | None = None) -> dict[str, Any]:
         """Run a server (plugin) slash command; return its reply."""
@@ -285,19 +307,29 @@ class Client:
         await self.wait_closed(timeout)
 
     async def wait_closed(self, timeout: float | None = None) -> None:
+        """Wait until the connection is over (cut it after ``timeout``).
+        Never raises for what ended it: :attr:`close_reason` says."""
         if self._reader is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._reader), timeout)
             except TimeoutError:
                 self._reader.cancel()
+            except Exception:  # the reader's own failure: recorded, not ours to raise
+                log.debug("the client's reader failed", exc_info=True)
         await self.conn.close()
 
     async def close(self) -> None:
-        """Close at once, without a goodbye."""
+        """Close at once, without a goodbye. Never raises for what ended the
+        connection: :attr:`close_reason` says."""
         await self.conn.close()
         if self._reader is not None:
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await self._reader
+            except asyncio.CancelledError:
+                if not self._reader.cancelled():
+                    raise  # we are cancelled ourselves
+            except Exception:
+                log.debug("the client's reader failed", exc_info=True)
 
     @property
     def closed(self) -> bool:
@@ -309,7 +341,7 @@ async def open_client(
     port: int = DEFAULT_PORT,
     *,
     user: str,
-    room: str = DEFAULT_ROOM,
+    room: str | None = DEFAULT_ROOM,
     ssl: ssl_module.SSLContext | None = None,
     server_hostname: str | None = None,
     hello: dict[str, Any] | None = None,
@@ -319,7 +351,8 @@ async def open_client(
     max_frame_size: int | None = 16 << 20,
     options: dict[str, Any] | None = None,
 ) -> Client:
-    """Connect, say hello, and return a logged-in :class:`Client`."""
+    """Connect, say hello, and return a logged-in :class:`Client`, in
+    ``room`` (``None``: in no room, until it joins one)."""
     try:
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection(

@@ -5,8 +5,12 @@ it. :class:`ServerConnection` is an :class:`asyncio.BufferedProtocol`: the
 server holds thousands of mostly idle connections, and a protocol costs no
 StreamReader, StreamWriter or reader task per connection (a bare protocol
 server measured 2.3 KiB per idle connection here, a streams one 5.2 KiB).
-It decodes frames as bytes arrive and tells its listener (the session),
-which takes them with :meth:`ServerConnection.next_frame`.
+It keeps the bytes that arrive and tells its listener (the session) when a
+whole frame is in; the session takes frames one at a time with
+:meth:`ServerConnection.next_frame`, which decodes each as it is taken.
+With TLS, the server admits a connection on TCP accept and then upgrades it
+(:meth:`ServerConnection.start_tls`), so handshakes in progress count
+against the connection limits.
 
 Writing is the same on both sides and is coalesced: frames sent during one
 loop iteration go out in a single ``write`` per connection at the end of it,
@@ -27,9 +31,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
-from collections import deque
+import ssl as ssl_module
 from collections.abc import Callable
 from typing import Any, Protocol, cast
 
@@ -38,14 +43,17 @@ from .protocol import Frame, FrameDecoder, encode_frame
 
 log = logging.getLogger("libchat.connection")
 
-#: Most bytes :class:`ServerConnection` reads (and decodes) at once: as much
-#: as asyncio's own socket transport reads per call, so bulk data (file
-#: chunks) costs no more reads than it would through a StreamReader.
+#: Most bytes :class:`ServerConnection` reads at once: as much as asyncio's
+#: own socket transport reads per call, so bulk data (file chunks) costs no
+#: more reads than it would through a StreamReader.
 READ_SIZE = 256 * 1024
-#: Bytes :class:`ServerConnection` reads on while frames read before are
-#: still being handled; then it stops reading and TCP pushes back. Reading
-#: ahead keeps a bulk sender (file chunks) busy while its last chunk waits
-#: for the recipient; a StreamReader reads up to twice its limit ahead.
+#: Undecoded bytes :class:`ServerConnection` holds, whole frames among them,
+#: before it stops reading and TCP pushes back; it reads on once the frames
+#: taken bring them under half of this. Reading ahead keeps a bulk sender
+#: (file chunks) busy while its last chunk waits for the recipient. Frames
+#: stay bytes until the session takes them, one at a time: decoded, a
+#: 24-byte frame costs some 370 bytes of objects, so a backlog of decoded
+#: frames would cost 15 times its size.
 READ_AHEAD = 4 * READ_SIZE
 #: Most bytes :class:`Connection` takes from its StreamReader at once.
 STREAM_READ_SIZE = 64 * 1024
@@ -72,6 +80,35 @@ def peer_name(writer: _HasExtraInfo) -> str:
     if isinstance(peer, tuple) and len(peer) >= 2:
         host = f"[{peer[0]}]" if ":" in str(peer[0]) else str(peer[0])
         return f"{host}:{peer[1]}"
+    return str(peer or "unknown")
+
+
+#: The prefix an IPv6 host is counted by: a site gets a /64 at least, so one
+#: machine may hold every address in one.
+IPV6_PREFIX = 64
+
+
+def address_key(host: str) -> str:
+    """The key that per-address limits count ``host`` (an IP address, as a
+    socket gives it) under: an IPv4 address itself; for IPv6, its /64
+    network (``2001:db8:1:2::/64``), as one machine may use every address
+    in it; an IPv4-mapped IPv6 address (``::ffff:192.0.2.1``) as the IPv4
+    address it is. Anything else (a Unix socket path) is its own key."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])  # no zone (fe80::1%eth0)
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, IPV6_PREFIX), strict=False))
+    return str(ip)
+
+
+def _host_of(writer: _HasExtraInfo) -> str:
+    peer = writer.get_extra_info("peername")
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
     return str(peer or "unknown")
 
 
@@ -118,6 +155,7 @@ class BaseConnection:
         "_loop",
         "_pending",
         "_pending_size",
+        "aborted",
         "address",
         "close_reason",
         "closed",
@@ -146,7 +184,9 @@ class BaseConnection:
         self.max_send_queue = max_send_queue
         #: seconds :meth:`close` lets the peer finish sending; 0: no lingering
         self.linger = linger
+        #: ``host:port`` of the peer, in full (logs)
         self.peer = "unknown"
+        #: what per-address limits count the peer under (:func:`address_key`)
         self.address = "unknown"
         self._pending: list[bytes] = []
         self._pending_size = 0
@@ -159,12 +199,14 @@ class BaseConnection:
         #: the most bytes ever waiting for this peer at once
         self.peak_queued = 0
         self.closed = False
+        #: closed by :meth:`abort` (cut off), not by :meth:`close`
+        self.aborted = False
         self.close_reason = ""
 
     def _set_transport(self, transport: asyncio.Transport) -> None:
         self.transport = transport
         self.peer = peer_name(transport)
-        self.address = self.peer.rsplit(":", 1)[0].strip("[]")
+        self.address = address_key(_host_of(transport))
         set_nodelay(transport)
 
     # -- writing ----------------------------------------------------------------------
@@ -236,6 +278,7 @@ class BaseConnection:
         if self.closed:
             return
         self.closed = True
+        self.aborted = True
         self.close_reason = reason
         self._pending.clear()
         self._pending_size = 0
@@ -267,7 +310,7 @@ class BaseConnection:
 class Connection(BaseConnection):
     """One framed, bounded connection over a StreamReader and StreamWriter."""
 
-    __slots__ = ("_frames", "_reading", "reader", "writer")
+    __slots__ = ("_reading", "reader", "writer")
 
     def __init__(
         self,
@@ -287,7 +330,6 @@ class Connection(BaseConnection):
         )
         self.reader = reader
         self.writer = writer
-        self._frames: deque[Frame] = deque()
         self._reading = False
         self._set_transport(cast(asyncio.Transport, writer.transport))
 
@@ -296,13 +338,14 @@ class Connection(BaseConnection):
     async def recv(self) -> Frame:
         """The next frame; raises ConnectionClosed at end of stream and
         ProtocolError on bad bytes."""
-        frames = self._frames
+        decoder = self.decoder
         while True:
             if self.closed:
                 # A dropped peer is done: frames it sent before are not acted
                 # on, and close() may be reading (lingering) itself.
                 raise ConnectionClosed(self.close_reason or "connection closed")
-            if frames:
+            frame = decoder.next_frame()
+            if frame is not None:
                 break
             self._reading = True
             try:
@@ -312,15 +355,15 @@ class Connection(BaseConnection):
             finally:
                 self._reading = False
             if not data:
-                if self.decoder.buffered:
+                if decoder.buffered:
                     raise ConnectionClosed("connection closed in the middle of a frame")
                 raise ConnectionClosed(self.close_reason or "connection closed by peer")
-            frames.extend(self.decoder.feed(data))
+            decoder.receive_data(data)
         # Stamped per frame, not per read: while we still work through a
         # backlog (slowed by the rate limit), the peer's answer to a ping
         # waits behind it, so the peer is not silent.
         self.last_received = self._loop.time()
-        return frames.popleft()
+        return frame
 
     # -- draining and closing ------------------------------------------------------------
 
@@ -381,31 +424,33 @@ class Connection(BaseConnection):
 class ServerConnection(BaseConnection, asyncio.BufferedProtocol):
     """The server's side of one connection, as an asyncio protocol.
 
-    Frames are decoded as bytes arrive and queued; the listener set with
+    Bytes are kept as they arrive; the listener set with
     :meth:`set_listener` is called when there is something to take with
-    :meth:`next_frame` (frames, or the end: bad bytes, end of stream, a lost
-    or closed connection). Without a listener, :meth:`recv` waits for them.
+    :meth:`next_frame` (a whole frame, or the end: bad bytes, end of stream,
+    a lost or closed connection), which decodes one frame at a time. Without
+    a listener, :meth:`recv` waits for them.
 
     Input is read in chunks of at most :data:`READ_SIZE` bytes into one
     buffer shared by all the connections of a server (the loop reads one
-    socket at a time), and the decoder checks each frame's declared length
-    before buffering any of it. Reading pauses once :data:`READ_AHEAD` bytes
-    came in while frames read earlier were still waiting to be handled, so a
-    peer whose requests take time (rate limit, backpressure from a file
-    recipient) is read little further than they are handled, and TCP pushes
-    back on it.
+    socket at a time), and each frame's declared length is checked before
+    more than a read's worth of it is kept. Reading pauses once
+    :data:`READ_AHEAD` undecoded bytes wait with a whole frame among them,
+    so a peer whose requests take time (rate limit, backpressure from a file
+    recipient, a handler that waits) is read little further than it is
+    handled, and TCP pushes back on it. What one connection holds is then
+    bounded in bytes: at most ``READ_AHEAD + READ_SIZE``, or one frame of
+    ``max_frame_size`` still coming in plus a read.
 
     ``reader`` is ``None`` here (there is no StreamReader); ``writer`` is a
     StreamWriter over this connection's transport, made on first use.
     """
 
     __slots__ = (
-        "_ahead",
         "_closed_waiter",
         "_drain_waiter",
         "_end",
         "_eof",
-        "_frames",
+        "_error",
         "_listener",
         "_lost",
         "_on_open",
@@ -434,16 +479,15 @@ class ServerConnection(BaseConnection, asyncio.BufferedProtocol):
         )
         self._on_open = on_open
         self._read_buffer = read_buffer if read_buffer is not None else new_read_buffer()
-        self._frames: deque[Frame] | None = None
         self._listener: Callable[[], None] | None = None
         self._recv_waiter: asyncio.Future[None] | None = None
         #: what ends the input once the frames before it are taken
-        self._end: ConnectionClosed | ProtocolError | None = None
+        self._end: ConnectionClosed | None = None
+        #: where the peer's bytes stopped making sense (raised from then on)
+        self._error: ProtocolError | None = None
         self._eof = False
         self._lost = False
         self._paused = False
-        #: bytes read while earlier frames were still waiting to be handled
-        self._ahead = 0
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self._closed_waiter: asyncio.Future[None] | None = None
@@ -463,10 +507,30 @@ class ServerConnection(BaseConnection, asyncio.BufferedProtocol):
             self._writer = asyncio.StreamWriter(self.transport, self, None, self._loop)
         return self._writer
 
+    async def start_tls(self, context: ssl_module.SSLContext, *, timeout: float | None) -> None:
+        """Turn this new connection into the server side of a TLS one; the
+        server calls it once it has admitted the peer, with reading paused
+        since :meth:`connection_made`. Raises ConnectionClosed (the socket
+        then closes) when the handshake fails or takes over ``timeout``
+        seconds."""
+        try:
+            transport = await self._loop.start_tls(
+                self.transport, self, context, server_side=True, ssl_handshake_timeout=timeout
+            )
+        except Exception as exc:  # OSError, ssl.SSLError, the handshake timeout
+            # start_tls has closed the socket already.
+            raise ConnectionClosed(f"TLS handshake failed: {exc or type(exc).__name__}") from None
+        if transport is None:  # the loop closed meanwhile
+            raise ConnectionClosed("TLS handshake failed: connection closed")
+        self._set_transport(transport)
+
     def set_listener(self, listener: Callable[[], None] | None) -> None:
         """Call ``listener`` (soon after, not within, a send) whenever
-        :meth:`next_frame` has something new to give."""
+        :meth:`next_frame` has something new to give; at once if it has
+        already (bytes that came with the end of a TLS handshake)."""
         self._listener = listener
+        if listener is not None and (self.decoder.ready() or self._end is not None or self.closed):
+            listener()
 
     # -- asyncio.BufferedProtocol ----------------------------------------------------------
 
@@ -482,38 +546,27 @@ class ServerConnection(BaseConnection, asyncio.BufferedProtocol):
         return self._read_buffer
 
     def buffer_updated(self, nbytes: int) -> None:
-        if self.closed or self._end is not None:
+        if self.closed or self._end is not None or self._error is not None:
             return  # lingering, or the input already ended: discard
-        # Frames still waiting from an earlier read: whoever handles them is
-        # busy (awaiting); past READ_AHEAD bytes, stop reading until it
-        # catches up.
-        backlog = bool(self._frames)
-        try:
-            # The decoder copies what it keeps (a bytearray ``+=``): hand it
-            # a view of the shared buffer rather than another copy.
-            frames = self.decoder.feed(cast(bytes, self._read_buffer[:nbytes]))
-        except ProtocolError as exc:
-            self._end_input(exc)
-            return
-        if frames:
-            if self._frames is None:
-                self._frames = deque(frames)
-            else:
-                self._frames.extend(frames)
-            if backlog:
-                self._ahead += nbytes
-                if self._ahead > READ_AHEAD:
-                    self._pause()
+        decoder = self.decoder
+        # The decoder copies what it keeps (a bytearray ``+=``): hand it a
+        # view of the shared buffer rather than another copy.
+        decoder.receive_data(cast(bytes, self._read_buffer[:nbytes]))
+        if decoder.ready():
+            if decoder.buffered >= READ_AHEAD:
+                # Whoever takes the frames is behind: stop reading until it
+                # catches up. (Without a whole frame waiting, reading on is
+                # the only way forward; the declared size bounds it.)
+                self._pause()
             self._notify()
 
     def eof_received(self) -> bool:
         self._eof = True
         if self.closed:
             return False  # lingering: the peer is done too, close the transport
-        if self.decoder.buffered:
-            self._end_input(ConnectionClosed("connection closed in the middle of a frame"))
-        else:
-            self._end_input(ConnectionClosed(self.close_reason or "connection closed by peer"))
+        # Whether it ended in the middle of a frame is known once the whole
+        # frames before are taken (next_frame).
+        self._end_input(ConnectionClosed(self.close_reason or "connection closed by peer"))
         # Keep our side open, so a goodbye may still go out; TLS cannot (and
         # asyncio warns when asked to).
         return self.transport.can_write_eof()
@@ -546,21 +599,36 @@ class ServerConnection(BaseConnection, asyncio.BufferedProtocol):
         where its bytes stopped making sense."""
         if self.closed:
             raise ConnectionClosed(self.close_reason or "connection closed")
-        frames = self._frames
-        if frames:
+        if self._error is not None:
+            raise self._error
+        decoder = self.decoder
+        try:
+            frame = decoder.next_frame()
+        except ProtocolError as exc:
+            self._error = exc
+            if not self._lost:
+                self._pause()  # the rest of the stream is not worth reading
+            raise
+        if frame is not None:
             # Stamped per frame taken, not per read: while we still work
             # through a backlog (slowed by the rate limit), the peer's answer
             # to a ping waits behind it, so the peer is not silent.
             self.last_received = self._loop.time()
-            return frames.popleft()
-        self._frames = None  # an idle connection keeps no deque
-        self._ahead = 0
-        if self._end is not None:
-            raise self._end
+            if self._paused and self._end is None and decoder.buffered < READ_AHEAD // 2:
+                self._resume()
+            return frame
+        end = self._end
+        if end is not None:
+            if self._eof and decoder.buffered:
+                raise ConnectionClosed("connection closed in the middle of a frame")
+            raise end
         if self._paused:
-            self._paused = False
-            self.transport.resume_reading()
+            self._resume()
         return None
+
+    def backlog(self) -> int:
+        """Bytes received from the peer and not yet taken as frames."""
+        return self.decoder.buffered
 
     async def recv(self) -> Frame:
         """The next frame (for use without a listener); raises as
@@ -575,7 +643,7 @@ class ServerConnection(BaseConnection, asyncio.BufferedProtocol):
             finally:
                 self._recv_waiter = None
 
-    def _end_input(self, end: ConnectionClosed | ProtocolError) -> None:
+    def _end_input(self, end: ConnectionClosed) -> None:
         if self._end is None:
             self._end = end
             if not self._lost:
@@ -586,6 +654,11 @@ class ServerConnection(BaseConnection, asyncio.BufferedProtocol):
         if not self._paused and not self.transport.is_closing():
             self._paused = True
             self.transport.pause_reading()
+
+    def _resume(self) -> None:
+        self._paused = False
+        if not self.transport.is_closing():
+            self.transport.resume_reading()
 
     def _notify(self) -> None:
         if self._listener is not None:
@@ -644,7 +717,6 @@ class ServerConnection(BaseConnection, asyncio.BufferedProtocol):
         self._flush()
         self.closed = True
         self.close_reason = self.close_reason or reason
-        self._frames = None
         self._notify()
         deadline = self._loop.time() + timeout
         closed = self._get_close_waiter(self)

@@ -73,8 +73,25 @@ class ErrorEvent(Event):
     message: str = ""
 
 
+def _text(value: Any) -> str:
+    """A string field; ``null`` or a missing field is ``""``, another type
+    its JSON-ish text (a server may be older, newer or broken)."""
+    if isinstance(value, str):
+        return value
+    return "" if value is None else str(value)
+
+
+def _number(value: Any) -> float:
+    """A number field; anything else (``null``, a string) is ``0.0``."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return 0.0
+
+
 def event_from_frame(frame: Frame) -> Event:
-    """The event a server frame stands for."""
+    """The event a server frame stands for. Never raises on odd fields: a
+    field of the wrong type reads as empty (``""``, ``0.0``), and the whole
+    header is still there."""
     h = frame.header
     kind = frame.type
     get = h.get
@@ -83,38 +100,38 @@ def event_from_frame(frame: Frame) -> Event:
             kind,
             h,
             frame.body,
-            room=str(get("room", "")),
-            sender=str(get("from", "")),
-            text=str(get("text", "")),
-            ts=float(get("ts", 0.0)),
-            mid=str(get("mid", "")),
-            action=bool(get("action", False)),
+            room=_text(get("room")),
+            sender=_text(get("from")),
+            text=_text(get("text")),
+            ts=_number(get("ts")),
+            mid=_text(get("mid")),
+            action=get("action") is True,
         )
     if kind == "dm":
         return PrivateMessage(
             kind,
             h,
             frame.body,
-            sender=str(get("from", "")),
-            recipient=str(get("to", "")),
-            text=str(get("text", "")),
-            ts=float(get("ts", 0.0)),
-            mid=str(get("mid", "")),
+            sender=_text(get("from")),
+            recipient=_text(get("to")),
+            text=_text(get("text")),
+            ts=_number(get("ts")),
+            mid=_text(get("mid")),
         )
     if kind == "presence":
         return Presence(
             kind,
             h,
             frame.body,
-            room=str(get("room", "")),
-            user=str(get("user", "")),
-            event=str(get("event", "")),
-            reason=str(get("reason", "")),
+            room=_text(get("room")),
+            user=_text(get("user")),
+            event=_text(get("event")),
+            reason=_text(get("reason")),
         )
     if kind == "notice":
-        return Notice(kind, h, frame.body, text=str(get("text", "")))
+        return Notice(kind, h, frame.body, text=_text(get("text")))
     if kind == "error":
         return ErrorEvent(
-            kind, h, frame.body, code=str(get("code", "")), message=str(get("message", ""))
+            kind, h, frame.body, code=_text(get("code")), message=_text(get("message"))
         )
     return Event(kind, h, frame.body)

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Iterable
 from typing import Protocol
 
-from .errors import NameInUse
+from .errors import BadRequest, NameInUse
 from .protocol import fold
 
 log = logging.getLogger("libchat.server")
@@ -40,7 +40,9 @@ class Hub(Protocol):
 
     async def join(self, room: str, member: Member) -> str | None:
         """Add ``member`` to ``room`` (created on first join). Return the
-        room's display name, or ``None`` if ``member`` was already in it."""
+        room's display name, or ``None`` if ``member`` was already in it.
+        Raise BadRequest if the room would be new and the hub holds as many
+        rooms as it may (the server's ``max_rooms``)."""
 
     async def part(self, room: str, member: Member) -> str | None:
         """Remove ``member``; return the room's name, ``None`` if not in it."""
@@ -97,13 +99,21 @@ class _Room:
 
 
 class LocalHub:
-    """The in-memory hub of one server process."""
+    """The in-memory hub of one server process.
 
-    def __init__(self) -> None:
+    ``max_rooms`` bounds the rooms it holds (0: no bound); ``None`` leaves
+    it to the server, which sets its own ``max_rooms`` limit.
+    """
+
+    def __init__(self, *, max_rooms: int | None = None) -> None:
+        self.max_rooms = max_rooms
         #: folded name -> the connections holding it, and whether shared
         self._users: dict[str, tuple[list[Member], bool]] = {}
         #: folded room name -> the room
         self._rooms: dict[str, _Room] = {}
+        #: member -> the folded names of its rooms, in join order: leaving
+        #: costs the member's rooms, not every room on the server
+        self._joined: dict[Member, dict[str, None]] = {}
         #: folded name -> set_user_data's values, while the user is online
         self._data: dict[str, dict[str, str]] = {}
 
@@ -119,9 +129,11 @@ class LocalHub:
             raise NameInUse(f"the name {entry[0][0].name!r} is in use")
 
     async def detach(self, member: Member) -> list[str]:
-        left = [room.name for room in self._rooms.values() if member in room.members]
-        for room in left:
-            self._remove(room, member)
+        left = [
+            name
+            for key in list(self._joined.get(member, ()))
+            if (name := self._remove(key, member)) is not None
+        ]
         key = fold(member.name)
         entry = self._users.get(key)
         if entry is not None and member in entry[0]:
@@ -135,11 +147,17 @@ class LocalHub:
         key = fold(room)
         entry = self._rooms.get(key)
         if entry is None:
+            if self.max_rooms and len(self._rooms) >= self.max_rooms:
+                raise BadRequest(
+                    f"the server holds {len(self._rooms)} rooms, its limit (max_rooms); "
+                    "join one that exists"
+                )
             entry = self._rooms[key] = _Room(room)
         if member in entry.members:
             return None
         entry.members[member] = None
         entry.snapshot = None
+        self._joined.setdefault(member, {})[key] = None
         return entry.name
 
     async def part(self, room: str, member: Member) -> str | None:
@@ -154,6 +172,11 @@ class LocalHub:
         entry.snapshot = None
         if not entry.members:
             del self._rooms[key]
+        joined = self._joined.get(member)
+        if joined is not None:
+            joined.pop(key, None)
+            if not joined:
+                del self._joined[member]
         return entry.name
 
     def publish(self, room: str, data: bytes, exclude: Member | None = None) -> int:

@@ -37,6 +37,9 @@ class Limits:
     max_connections_per_address: int = 32
     #: Rooms one session may be in at once.
     max_rooms_per_session: int = 50
+    #: Rooms on the server at once (each costs memory); past it, joining a
+    #: room that does not exist is refused. 0 disables.
+    max_rooms: int = 10_000
 
     def as_dict(self) -> dict[str, Any]:
         """The limits as sent in the handshake."""

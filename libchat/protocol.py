@@ -1,8 +1,10 @@
 """The libchat wire protocol, free of I/O.
 
 Nothing here touches a socket or asyncio: bytes go in through
-:meth:`FrameDecoder.feed`, frames come out; :func:`encode_frame` turns a
-frame back into bytes. docs/protocol.md is the specification and its test
+:meth:`FrameDecoder.receive_data`, frames come out of
+:meth:`FrameDecoder.next_frame` one at a time (or all at once from
+:meth:`FrameDecoder.feed`); :func:`encode_frame` turns a frame back into
+bytes. docs/protocol.md is the specification and its test
 vectors are checked against this module byte for byte.
 
 A frame is::
@@ -41,6 +43,17 @@ MAX_HEADER_SIZE: Final = 0xFFFF
 MAX_BODY_SIZE: Final = 0xFFFFFFFF
 
 DEFAULT_ROOM: Final = "lobby"
+#: Longest reason (``quit``, ``presence`` ``left``, ``bye``) the server
+#: passes on, in characters, once control characters are gone: a reason is
+#: copied into a frame for every room its user was in.
+MAX_REASON_CHARS: Final = 200
+#: Most items a reply's list holds (``rooms``, ``who``, ``join``); a longer
+#: list is cut, sorted, to its first items, and the reply says so with
+#: ``"truncated": true`` and the ``total``. 500 room entries of the longest
+#: names fit in a header (65535 bytes) with room to spare.
+MAX_LIST_ITEMS: Final = 500
+#: Longest string ``id`` a request may carry: every reply repeats it.
+MAX_ID_CHARS: Final = 128
 
 _NICK_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,31}")
 _ROOM_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,47}")
@@ -99,7 +112,7 @@ def encode_frame(header: Mapping[str, Any], body: bytes = b"") -> bytes:
     return b"".join((PREFIX.pack(MAGIC, len(raw), len(body)), raw, body))
 
 
-def parse_header(raw: bytes) -> dict[str, Any]:
+def parse_header(raw: bytes | bytearray) -> dict[str, Any]:
     """Decode and check one frame header.
 
     Whatever this accepts, :func:`encode_header` can encode again: a header
@@ -129,55 +142,110 @@ def parse_header(raw: bytes) -> dict[str, Any]:
 class FrameDecoder:
     """Turns a byte stream into frames, however the stream is split.
 
+    Bytes go in with :meth:`receive_data` and stay bytes until
+    :meth:`next_frame` decodes the next frame, one at a time, as the reader
+    is ready for it: a backlog costs its size in bytes, not a ``Frame``
+    object per 24-byte frame (about 15 times that). :meth:`feed` does both
+    at once and returns every whole frame.
+
     ``max_frame_size`` bounds header plus body of one frame (``None``: no
     limit). Any violation raises :class:`ProtocolError` and leaves the decoder
     unusable, as the stream can no longer be trusted.
     """
 
-    __slots__ = ("_buffer", "_failed", "max_frame_size")
+    __slots__ = ("_buffer", "_failed", "_pos", "max_frame_size")
 
     def __init__(self, *, max_frame_size: int | None = 1 << 20) -> None:
         self.max_frame_size = max_frame_size
         self._buffer = bytearray()
+        #: where the next frame starts in ``_buffer`` (what lies before it
+        #: was decoded already and goes at the next receive_data)
+        self._pos = 0
         self._failed = False
 
     @property
     def buffered(self) -> int:
-        """Bytes received but not yet part of a whole frame."""
-        return len(self._buffer)
+        """Bytes received and not yet decoded (after :meth:`feed`: the start
+        of a frame still incomplete)."""
+        return len(self._buffer) - self._pos
 
-    def feed(self, data: bytes) -> list[Frame]:
-        """Add received bytes; return every frame they complete, in order."""
+    def receive_data(self, data: bytes) -> None:
+        """Add received bytes; decode nothing yet."""
         if self._failed:
             raise ProtocolError("decoder already failed")
         buf = self._buffer
+        if self._pos:
+            del buf[: self._pos]  # one move per read, not one per frame
+            self._pos = 0
         buf += data
-        frames: list[Frame] = []
-        pos = 0
-        end = len(buf)
+
+    def next_frame(self) -> Frame | None:
+        """Decode and return the next whole frame, or ``None`` until more
+        bytes arrive. Raises ProtocolError where the bytes stop making sense,
+        checking a frame's declared length before its bytes are needed."""
+        if self._failed:
+            raise ProtocolError("decoder already failed")
+        buf = self._buffer
+        pos = self._pos
         try:
-            while end - pos >= PREFIX_SIZE:
-                magic, hlen, blen = PREFIX.unpack_from(buf, pos)
-                self._check_prefix(magic, hlen, blen)
-                total = PREFIX_SIZE + hlen + blen
-                if end - pos < total:
-                    break
-                start = pos + PREFIX_SIZE
-                header = parse_header(bytes(buf[start : start + hlen]))
-                body = bytes(buf[start + hlen : pos + total]) if blen else b""
-                frames.append(Frame(header, body))
-                pos += total
-            if pos < end and not MAGIC.startswith(buf[pos : pos + 2]):
-                # Less than a prefix, but already not ours: say so now rather
-                # than wait for bytes (a person typing "hi") that may never come.
-                self._check_magic(bytes(buf[pos : pos + 2]))
+            if len(buf) - pos < PREFIX_SIZE:
+                self._check_partial(buf, pos)
+                return None
+            magic, hlen, blen = PREFIX.unpack_from(buf, pos)
+            self._check_prefix(magic, hlen, blen)
+            start = pos + PREFIX_SIZE
+            end = start + hlen + blen
+            if end > len(buf):
+                return None
+            header = parse_header(buf[start : start + hlen])
         except ProtocolError:
-            self._failed = True
-            buf.clear()
+            self._fail()
             raise
-        if pos:
-            del buf[:pos]
+        self._pos = end
+        return Frame(header, bytes(buf[start + hlen : end]) if blen else b"")
+
+    def ready(self) -> bool:
+        """Whether :meth:`next_frame` has something to give now: a whole frame,
+        or an error (bytes that already broke the protocol)."""
+        if self._failed:
+            return True
+        buf, pos = self._buffer, self._pos
+        try:
+            lengths = self._lengths(buf, pos)
+        except ProtocolError:
+            return True
+        return lengths is not None and pos + PREFIX_SIZE + sum(lengths) <= len(buf)
+
+    def feed(self, data: bytes) -> list[Frame]:
+        """Add received bytes; return every frame they complete, in order."""
+        self.receive_data(data)
+        frames: list[Frame] = []
+        next_frame = self.next_frame
+        while (frame := next_frame()) is not None:
+            frames.append(frame)
         return frames
+
+    def _lengths(self, buf: bytearray, pos: int) -> tuple[int, int] | None:
+        """Header and body length of the frame at ``pos``, ``None`` until its
+        prefix is in; raises ProtocolError for a prefix that breaks the rules
+        as soon as the bytes that break them are in."""
+        if len(buf) - pos < PREFIX_SIZE:
+            self._check_partial(buf, pos)
+            return None
+        magic, hlen, blen = PREFIX.unpack_from(buf, pos)
+        self._check_prefix(magic, hlen, blen)
+        return hlen, blen
+
+    def _check_partial(self, buf: bytearray, pos: int) -> None:
+        """Less than a prefix, but already not ours? Say so now rather than
+        wait for bytes (a person typing "hi") that may never come."""
+        if len(buf) > pos and not MAGIC.startswith(buf[pos : pos + 2]):
+            self._check_magic(bytes(buf[pos : pos + 2]))
+
+    def _fail(self) -> None:
+        self._failed = True
+        self._buffer.clear()
+        self._pos = 0
 
     @staticmethod
     def _check_magic(magic: bytes) -> None:
@@ -237,6 +305,40 @@ def check_text(text: object, max_bytes: int) -> str:
     return text
 
 
-def _shown(value: object) -> str:
+# C0, DEL, C1 (category Cc) and the line and paragraph separators: they
+# would break a log line or a terminal line in two.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
+
+
+def clean_reason(reason: object, default: str = "quit") -> str:
+    """A reason fit to pass on: a string without control characters (each
+    run of them becomes one space), at most :data:`MAX_REASON_CHARS` long;
+    ``default`` when nothing is left."""
+    if not isinstance(reason, str):
+        return default
+    text = _CONTROL.sub(" ", reason).strip()
+    if len(text) > MAX_REASON_CHARS:
+        text = text[: MAX_REASON_CHARS - 3].rstrip() + "..."
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (from a local caller)
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    return text or default
+
+
+def capped(items: list[Any]) -> tuple[list[Any], dict[str, Any]]:
+    """``items`` cut to :data:`MAX_LIST_ITEMS`, and the fields a reply adds
+    when it was cut (``truncated``, ``total``), so a reply always fits."""
+    if len(items) <= MAX_LIST_ITEMS:
+        return items, {}
+    return items[:MAX_LIST_ITEMS], {"truncated": True, "total": len(items)}
+
+
+def shown(value: object, limit: int = 40) -> str:
+    """``repr(value)``, cut to ``limit`` characters: for messages that quote
+    what a peer sent, which may be 64 KiB long."""
     text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_shown = shown

@@ -28,7 +28,7 @@ from typing import Any
 from . import __version__
 from .commands import Command, FrameHandler
 from .connection import FlushQueue, ServerConnection, new_read_buffer
-from .errors import ChatError, TooManyConnections
+from .errors import ChatError, ConnectionClosed, TooManyConnections
 from .hub import Hub, LocalHub
 from .limits import Limits
 from .plugins import (
@@ -39,7 +39,14 @@ from .plugins import (
     make_plugin_manager,
     plugin_names,
 )
-from .protocol import NICK_RULE, PROTOCOL_VERSION, ROOM_RULE, encode_frame
+from .protocol import (
+    MAX_LIST_ITEMS,
+    MAX_REASON_CHARS,
+    NICK_RULE,
+    PROTOCOL_VERSION,
+    ROOM_RULE,
+    encode_frame,
+)
 from .session import Session, State
 
 log = logging.getLogger("libchat.server")
@@ -70,6 +77,7 @@ class Server:
         self.limits = limits or Limits()
         self.ssl = ssl
         self.hub: Hub = hub or LocalHub()
+        _limit_rooms(self.hub, self.limits.max_rooms)
         #: settings for plugins (``db``, ``allow_register``...), from the CLI
         self.config: dict[str, Any] = dict(config or {})
         self.pm = make_plugin_manager(plugins)
@@ -78,7 +86,11 @@ class Server:
         self.extra_limits: dict[str, Any] = {}
         self.has_message_hooks = False
         self.sessions: set[Session] = set()
+        #: every connection holding a slot (sessions, TLS handshakes), and
+        #: the address key it counts under
+        self._admitted: dict[ServerConnection, str] = {}
         self._per_address: dict[str, int] = {}
+        self._upgrades: set[asyncio.Task[None]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
         self._keepalive: asyncio.Task[None] | None = None
@@ -126,13 +138,12 @@ class Server:
             max_send_queue=limits.max_send_queue,
             flusher=FlushQueue(loop),
         )
-        self._server = await loop.create_server(
-            make_connection,
-            self.host,
-            self.requested_port,
-            ssl=self.ssl,
-            ssl_handshake_timeout=limits.handshake_timeout if self.ssl else None,
-        )
+        # No ssl= here even with TLS: asyncio would tell us of a connection
+        # only once its TLS handshake is over, so the connection limits could
+        # not count the sockets of handshakes in progress (a peer that never
+        # sends a ClientHello). Connections are admitted on accept, then
+        # upgraded (_upgrade).
+        self._server = await loop.create_server(make_connection, self.host, self.requested_port)
 
     async def _close_hub(self) -> None:
         hub_close = getattr(self.hub, "close", None)
@@ -206,6 +217,8 @@ class Server:
         server, self._server = self._server, None
         assert server is not None
         server.close()
+        for upgrade in list(self._upgrades):
+            upgrade.cancel()  # a TLS handshake in progress need not finish
         if self._keepalive is not None:
             self._keepalive.cancel()
             await asyncio.gather(self._keepalive, return_exceptions=True)
@@ -260,15 +273,47 @@ class Server:
     # -- accepting --------------------------------------------------------------------
 
     def _connection_made(self, conn: ServerConnection) -> None:
-        """A new connection (its TLS handshake done): admit it and start its
-        session, or refuse it with a reason."""
+        """A new TCP connection: admit it and start its session (after the
+        TLS handshake, with TLS), or refuse it."""
         try:
-            self._admit(conn.address)
+            self._admit(conn)
         except ChatError as exc:
             log.warning("refused %s: %s", conn.peer, exc.message)
+            if self.ssl is not None:
+                # Nothing can be said before the TLS handshake, and making
+                # one for a refusal would cost what the limit saves.
+                conn.abort(exc.message)
+                return
             conn.send(exc.to_header())
             self.spawn(conn.close(exc.message), name="libchat-refuse")
             return
+        if self.ssl is None:
+            self._start_session(conn)
+            return
+        # Not a byte read until the TLS layer is in place.
+        conn.transport.pause_reading()
+        task = self.spawn(self._upgrade(conn, self.ssl), name="libchat-tls")
+        self._upgrades.add(task)
+        task.add_done_callback(self._upgrades.discard)
+
+    async def _upgrade(self, conn: ServerConnection, context: ssl_module.SSLContext) -> None:
+        """The TLS handshake of an admitted connection, within
+        ``handshake_timeout``; then its session starts."""
+        started = False
+        try:
+            await conn.start_tls(context, timeout=self.limits.handshake_timeout or None)
+            if self._close_task is None:
+                self._start_session(conn)
+                started = True
+            else:
+                conn.abort("server shutting down")
+        except ConnectionClosed as exc:
+            log.debug("no TLS with %s: %s", conn.peer, exc.message)
+        finally:
+            if not started:
+                self._release(conn)
+
+    def _start_session(self, conn: ServerConnection) -> None:
         session = Session(self, conn)
         self.sessions.add(session)
         session.start()
@@ -283,32 +328,41 @@ class Server:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def _admit(self, address: str) -> None:
+    def _admit(self, conn: ServerConnection) -> None:
+        """Take a connection slot for ``conn`` or raise TooManyConnections.
+        Connections count by :attr:`~ServerConnection.address`: an IPv6
+        peer's /64, an IPv4 peer's address."""
         limits = self.limits
         if self._close_task is not None:
             # accepted just before the listener closed
             raise TooManyConnections("server shutting down")
-        if limits.max_connections and len(self.sessions) >= limits.max_connections:
+        if limits.max_connections and len(self._admitted) >= limits.max_connections:
             raise TooManyConnections(f"server full ({limits.max_connections} connections)")
+        address = conn.address
         count = self._per_address.get(address, 0)
         per_address = limits.max_connections_per_address
         if per_address and count >= per_address:
             raise TooManyConnections(f"too many connections from {address} (limit {per_address})")
         self._per_address[address] = count + 1
+        self._admitted[conn] = address
 
-    def forget(self, session: Session) -> None:
-        """Drop a session from the books and free its connection slot; the
-        session calls this as its cleanup begins, so its slot is free before
-        its peer sees the connection close. Idempotent."""
-        if session not in self.sessions:
+    def _release(self, conn: ServerConnection) -> None:
+        """Free the slot ``conn`` holds, if any (idempotent)."""
+        address = self._admitted.pop(conn, None)
+        if address is None:
             return
-        self.sessions.discard(session)
-        address = session.conn.address
         count = self._per_address.get(address, 0) - 1
         if count > 0:
             self._per_address[address] = count
         else:
             self._per_address.pop(address, None)
+
+    def forget(self, session: Session) -> None:
+        """Drop a session from the books and free its connection slot; the
+        session calls this as its cleanup begins, so its slot is free before
+        its peer sees the connection close. Idempotent."""
+        self.sessions.discard(session)
+        self._release(session.conn)
 
     # -- keepalive --------------------------------------------------------------------
 
@@ -368,6 +422,8 @@ class Server:
             ],
             "limits": {
                 **self.limits.as_dict(),
+                "max_list_items": MAX_LIST_ITEMS,
+                "max_reason_chars": MAX_REASON_CHARS,
                 "nick": NICK_RULE,
                 "room": ROOM_RULE,
                 **self.extra_limits,
@@ -377,3 +433,12 @@ class Server:
     def find_sessions(self, predicate: Callable[[Session], bool]) -> list[Session]:
         """This process's sessions that match ``predicate``."""
         return [s for s in self.sessions if predicate(s)]
+
+
+def _limit_rooms(hub: Hub, max_rooms: int) -> None:
+    """Give the hub the server's ``max_rooms``, unless it was built with a
+    bound of its own. A hub that is not a LocalHub may hold one for this
+    node's members (RedisHub's ``local``); that one holds the bound."""
+    for candidate in (hub, getattr(hub, "local", None)):
+        if isinstance(candidate, LocalHub) and candidate.max_rooms is None:
+            candidate.max_rooms = max_rooms

@@ -12,9 +12,9 @@ import inspect
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
-from .connection import BaseConnection, ServerConnection
+from .connection import ServerConnection
 from .errors import (
     BadRequest,
     ChatError,
@@ -29,14 +29,18 @@ from .errors import (
 from .plugins import call_async, call_each, call_firstresult
 from .protocol import (
     DEFAULT_ROOM,
+    MAX_ID_CHARS,
     PROTOCOL_VERSION,
     Frame,
+    capped,
     check_nick,
     check_room,
     check_text,
+    clean_reason,
     encode_frame,
     fold,
 )
+from .protocol import shown as quoted
 
 if TYPE_CHECKING:
     from .server import Server
@@ -74,6 +78,9 @@ class TokenBucket:
         return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
 
 
+#: Frames a session handles before it lets the other tasks run.
+FRAMES_PER_TURN = 64
+
 #: Frame types that count against the message rate.
 RATE_LIMITED = frozenset({"msg", "dm", "join", "part", "who", "rooms", "command"})
 
@@ -86,12 +93,19 @@ class Session:
     then handles every frame waiting, one after the other, and ends. Frames
     from one client are therefore handled in order, each awaited before the
     next starts, and an idle session costs only its objects.
+
+    A connection cut off (send queue exceeded, ping timeout) while a handler
+    waits cancels that handler: whatever it waits for (another peer's drain,
+    a plugin's future) may never come, and the session must still end,
+    leave its rooms and free its name.
     """
 
     __slots__ = (
         "__weakref__",
         "_attached",
         "_bucket",
+        "_busy",
+        "_cut",
         "_expired",
         "_timer",
         "_worker",
@@ -112,7 +126,7 @@ class Session:
     #: to save a call on the hot path.
     deliver: Callable[[bytes], None]
 
-    def __init__(self, server: Server, conn: BaseConnection) -> None:
+    def __init__(self, server: Server, conn: ServerConnection) -> None:
         self.server = server
         self.conn = conn
         self.deliver = conn.send_bytes
@@ -131,6 +145,10 @@ class Session:
         self._worker: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._expired = False
+        #: the worker awaits a handler (the hello's or a request's)
+        self._busy = False
+        #: the worker was cancelled because the connection was cut off
+        self._cut = False
 
     def __repr__(self) -> str:
         return f"<Session {self.name or '?'} {self.peer} {self.state.value}>"
@@ -157,14 +175,11 @@ class Session:
     # -- lifecycle --------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the handshake clock and handle frames as they arrive (on a
-        :class:`~libchat.connection.ServerConnection`)."""
-        conn = self.conn
-        assert isinstance(conn, ServerConnection)
+        """Start the handshake clock and handle frames as they arrive."""
         timeout = self.server.limits.handshake_timeout
         if timeout > 0:
             self._timer = asyncio.get_running_loop().call_later(timeout, self._handshake_expired)
-        conn.set_listener(self._wake)
+        self.conn.set_listener(self._wake)
 
     def _handshake_expired(self) -> None:
         self._timer = None
@@ -173,56 +188,70 @@ class Session:
             self._wake()
 
     def _wake(self) -> None:
-        """The connection has something new: make sure a task handles it."""
-        if self._worker is None and self.state is not State.CLOSED:
+        """The connection has something new: make sure a task handles it, or
+        stop the one that waits in a handler if the connection was cut off."""
+        if self.state is State.CLOSED:
+            return
+        worker = self._worker
+        if worker is None:
             self._worker = self.server.spawn(self._work(), name="libchat-session")
+        elif (
+            self._busy
+            and self.conn.aborted
+            and not self._cut
+            and worker is not asyncio.current_task()
+        ):
+            # Only a worker waiting in a handler: one between frames sees the
+            # connection closed at its next frame. And not from within: a
+            # handler that cut its own connection sees it closed as soon as
+            # it returns.
+            self._cut = True
+            worker.cancel()
 
     async def _work(self) -> None:
-        """Handle the frames waiting; end the session if the input ended or
-        a frame asked for that."""
-        reason = "connection closed"
+        """Handle the frames waiting; end the session if the input ended, a
+        frame asked for that, or the connection was cut off meanwhile."""
+        reason: str | None = None
         try:
             await self._handle_frames()
             self._worker = None  # idle again: the next frame starts a new task
+        except asyncio.CancelledError:
+            if not self._cut:
+                raise  # the server's shutdown: clean up (finally), then end
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()  # our own cancel, handled: clean up normally
         except Exception as exc:
             reason = self._ended_by(exc)
         finally:
             if self._worker is not None:  # ending (or cancelled): clean up
-                await self._cleanup(reason)
+                await self._cleanup(reason or self.conn.close_reason or "connection closed")
 
     async def _handle_frames(self) -> None:
-        next_frame = cast("ServerConnection", self.conn).next_frame
+        """The one loop of a session: the hello first, then requests, until
+        no whole frame waits (or the input ends, which raises)."""
+        next_frame = self.conn.next_frame
+        handled = 0
         while True:
+            if handled == FRAMES_PER_TURN:
+                # Handlers that never wait (ping, pong, msg without hooks)
+                # would let one peer's backlog hold the loop for as long as
+                # it lasts: give the others their turn.
+                handled = 0
+                await asyncio.sleep(0)
             frame = next_frame()
             if frame is None:
                 if self._expired and self.state is State.HANDSHAKE:
                     raise Timeout("handshake timed out")
                 return
+            handled += 1
+            self._busy = True
             if self.state is State.HANDSHAKE:
                 self._cancel_timer()
                 await self._handshake(frame)
             else:
                 await self._dispatch(frame)
-
-    async def run(self) -> None:
-        """Serve a session over a stream :class:`~libchat.connection.Connection`
-        from hello to goodbye in the calling task (the server itself uses
-        :meth:`start`, which needs no task while the session is idle)."""
-        reason = "connection closed"
-        try:
-            try:
-                frame = await asyncio.wait_for(
-                    self.conn.recv(), self.server.limits.handshake_timeout
-                )
-            except TimeoutError:
-                raise Timeout("handshake timed out") from None
-            await self._handshake(frame)
-            while True:
-                await self._dispatch(await self.conn.recv())
-        except Exception as exc:
-            reason = self._ended_by(exc)
-        finally:
-            await self._cleanup(reason)
+            self._busy = False
 
     def _ended_by(self, exc: Exception) -> str:
         """Say goodbye as ``exc`` (which ends the session) asks; the reason."""
@@ -231,7 +260,7 @@ class Session:
         if isinstance(exc, ConnectionClosed):
             return exc.message
         if isinstance(exc, ChatError):
-            log.info("closing %r: %s", self, exc.message)
+            log.info("closing %r: %r", self, exc.message)
             self._goodbye(exc)
             return exc.message
         # A bug (ours or a plugin's, in the handshake): this connection ends
@@ -248,20 +277,23 @@ class Session:
 
     def _goodbye(self, error: ChatError) -> None:
         self._send_error(error, None)
-        self.send({"type": "bye", "reason": error.message})
+        self.send({"type": "bye", "reason": clean_reason(error.message, error.code)})
 
     async def _handshake(self, frame: Frame) -> None:
         hello = frame.header
         if frame.type != "hello":
-            raise ProtocolError(f"expected a 'hello' frame first, got {frame.type!r}")
+            raise ProtocolError(f"expected a 'hello' frame first, got {quoted(frame.type)}")
         version = hello.get("version")
         if version != PROTOCOL_VERSION:
             raise HandshakeError(
-                f"protocol version {version!r} is not supported; this server speaks "
+                f"protocol version {quoted(version)} is not supported; this server speaks "
                 f"version {PROTOCOL_VERSION}"
             )
         wanted = check_nick(hello.get("user"))
-        room = check_room(hello.get("room", DEFAULT_ROOM))
+        # "room": null asks for no room at first (a client that only sends
+        # a file need not be announced in the lobby).
+        first = hello.get("room", DEFAULT_ROOM)
+        room = None if first is None else check_room(first)
         pm = self.server.pm
         granted = await call_firstresult(
             pm.hook.libchat_authenticate, server=self.server, hello=hello, peer=self.peer
@@ -272,7 +304,8 @@ class Session:
         self._attached = True
         self.state = State.OPEN
         self.send(self.server.welcome(self))
-        await self._join(room, None)
+        if room is not None:
+            await self._join(room, None)
         await call_each(pm.hook.libchat_session_opened, session=self)
 
     async def _dispatch(self, frame: Frame) -> None:
@@ -288,8 +321,11 @@ class Session:
                 isinstance(request_id, bool) or not isinstance(request_id, str | int)
             ):
                 raise BadRequest("'id' must be a string or an integer")
+            if isinstance(request_id, str) and len(request_id) > MAX_ID_CHARS:
+                # Every reply repeats it: it must leave room in a header.
+                raise BadRequest(f"'id' is over {MAX_ID_CHARS} characters")
             if handler is None:
-                raise BadRequest(f"unknown frame type {kind!r}")
+                raise BadRequest(f"unknown frame type {quoted(kind)}")
             result = handler(self, frame)
             if inspect.isawaitable(result):
                 await result
@@ -299,42 +335,77 @@ class Session:
         except ChatError as exc:
             self._send_error(exc, frame.header.get("id"))
         except Exception:
-            log.exception("handler for %r failed in %r", kind, self)
+            log.exception("handler for %s failed in %r", quoted(kind), self)
             self._send_error(
-                InternalError(f"the server failed to handle {kind!r}"), frame.header.get("id")
+                InternalError(f"the server failed to handle {quoted(kind)}"), frame.header.get("id")
             )
 
     def _send_error(self, exc: ChatError, request_id: Any) -> None:
-        header = exc.to_header(request_id if isinstance(request_id, str | int) else None)
-        self.send(header)
+        if not isinstance(request_id, str | int) or (
+            isinstance(request_id, str) and len(request_id) > MAX_ID_CHARS
+        ):
+            request_id = None
+        header = exc.to_header(request_id)
+        try:
+            data = encode_frame(header)
+        except ValueError:
+            # Its message or details quote what the peer sent, too long for
+            # a header (or not encodable): the code and a shortened message.
+            header = {"type": "error", "code": exc.code}
+            header["message"] = clean_reason(exc.message, exc.code)
+            if request_id is not None:
+                header["id"] = request_id
+            data = encode_frame(header)
+        self.deliver(data)
 
     async def close(self, reason: str, *, timeout: float = 2.0) -> None:
         """Say goodbye and close (cut off after ``timeout`` seconds if the
         peer does not take the goodbye); the session's own task then cleans
         up."""
+        reason = clean_reason(reason, "closed by the server")
         if self.state is State.OPEN:
             self.send({"type": "notice", "text": reason})
         self.send({"type": "bye", "reason": reason})
         await self.conn.close(reason, timeout=timeout)
 
     async def _cleanup(self, reason: str) -> None:
+        """Leave the rooms, release the name, close; then the plugins hear of
+        it, whatever failed before."""
+        reason = clean_reason(reason, "connection closed")
         was_open = self.state is State.OPEN
         self.state = State.CLOSED
         self._cancel_timer()
         self.server.forget(self)
         try:
-            if self._attached:
-                self._attached = False
-                rooms = await self.server.hub.detach(self)
-                self.rooms.clear()
-                for room in rooms:
-                    self.server.hub.publish(room, self._presence(room, "left", reason))
+            try:
+                await self._leave_hub(reason)
+            finally:
+                # Whatever the hub does, the socket is not left behind.
+                await self.conn.close(reason)
         finally:
-            # Whatever the hub does, the socket is not left behind.
-            await self.conn.close(reason)
-        if was_open:
-            log.info("%s (%s) left: %s", self.name, self.peer, reason)
-            await call_each(self.server.pm.hook.libchat_session_closed, session=self, reason=reason)
+            if was_open:
+                log.info("%s (%s) left: %r", self.name, self.peer, reason)
+                await call_each(
+                    self.server.pm.hook.libchat_session_closed, session=self, reason=reason
+                )
+
+    async def _leave_hub(self, reason: str) -> None:
+        """Release the name and leave every room; each room hears of it."""
+        if not self._attached:
+            return
+        self._attached = False
+        hub = self.server.hub
+        try:
+            rooms = await hub.detach(self)
+        except Exception:  # a distributed hub's failure; this node goes on
+            log.exception("detaching %r from the hub failed", self)
+            rooms = list(self.rooms.values())
+        self.rooms.clear()
+        for room in rooms:
+            try:
+                hub.publish(room, self._presence(room, "left", reason))
+            except Exception:  # one room's failure must not cost the others theirs
+                log.exception("telling %r that %r left failed", room, self)
 
     # -- rooms ------------------------------------------------------------------------
 
@@ -371,7 +442,8 @@ class Session:
         else:
             shown = self.rooms[fold(room)]
         if request is not None:
-            self.reply(request, room=shown, members=await hub.members(shown) or [])
+            members, more = capped(await hub.members(shown) or [])
+            self.reply(request, room=shown, members=members, **more)
 
     # -- core frame handlers (the server's table maps frame types to these) ------------
 
@@ -410,15 +482,16 @@ class Session:
     async def on_who(self, frame: Frame) -> None:
         request = frame.header
         room = check_room(request.get("room"))
-        members = await self.server.hub.members(room)
-        if members is None:
+        everyone = await self.server.hub.members(room)
+        if everyone is None:
             raise NotFound(f"no room {room!r}", room=room)
+        members, more = capped(everyone)
         # A member gets the room's own spelling back, as join answers.
-        self.reply(request, room=self.rooms.get(fold(room), room), members=members)
+        self.reply(request, room=self.rooms.get(fold(room), room), members=members, **more)
 
     async def on_rooms(self, frame: Frame) -> None:
-        rooms = await self.server.hub.rooms()
-        self.reply(frame.header, rooms=[{"room": r, "members": n} for r, n in rooms])
+        rooms, more = capped(await self.server.hub.rooms())
+        self.reply(frame.header, rooms=[{"room": r, "members": n} for r, n in rooms], **more)
 
     async def on_command(self, frame: Frame) -> None:
         request = frame.header
@@ -443,8 +516,8 @@ class Session:
         self.ping_sent = None
 
     def on_quit(self, frame: Frame) -> None:
-        reason = frame.header.get("reason")
-        reason = reason if isinstance(reason, str) and reason else "quit"
+        # Capped and cleaned: it goes to every room the user was in.
+        reason = clean_reason(frame.header.get("reason"))
         self.send({"type": "bye", "reason": reason})
         raise _Quit(reason)
 

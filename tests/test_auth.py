@@ -861,3 +861,13 @@ def test_the_password_variable_and_auth_required_code_are_defined_once() -> None
         ("cli/libchat_cli/options.py", "AUTH_REQUIRED"),
     }
     assert libchat_auth.AuthRequired.code == libchat_auth.AUTH_REQUIRED == "auth_required"
+
+
+def test_login_throttling_counts_an_ipv6_64_as_one_address() -> None:
+    assert service.address_of("[2001:db8:1:2:aaaa::1]:5000") == service.address_of(
+        "[2001:db8:1:2:bbbb::9]:6000"
+    )
+    assert service.address_of("[2001:db8:1:3::1]:5000") != service.address_of(
+        "[2001:db8:1:2::1]:5000"
+    )
+    assert service.address_of("[::ffff:192.0.2.7]:1") == service.address_of("192.0.2.7:2")

@@ -6,12 +6,17 @@ is checked is completeness and correctness, never speed."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import io
 import os
 import random
 import re
+import secrets
+import signal
+import socket
 import subprocess
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -31,8 +36,13 @@ from conftest import (
     running_server,
 )
 from libchat.errors import RemoteError
+from libchat.hub import LocalHub
+from libchat.plugins import InvalidPlugin
+from libchat.protocol import PROTOCOL_VERSION, Frame, FrameDecoder, encode_frame
+from libchat_cli.terminal import UNFINISHED_OPTION, Terminal
 from libchat_files import (
     DEFAULT_MAX_FILE_SIZE,
+    DEFAULT_STALL_TIMEOUT,
     Declined,
     FileTooLarge,
     HashMismatch,
@@ -43,9 +53,11 @@ from libchat_files import (
     files_of,
     safe_filename,
 )
+from libchat_files import transfers as transfers_module
+from libchat_files.limits import ReceiveLimits
 from libchat_files.names import MAX_NAME_BYTES, numbered, part_name
 from libchat_files.progress import BarProgress, LineProgress, bar_for, human_size, human_time
-from libchat_files.relay import CHUNK_SIZE
+from libchat_files.relay import CHUNK_SIZE, stall_timeout
 from libchat_files.terminal import client_commands, format_event
 
 CHUNK = CHUNK_SIZE
@@ -739,6 +751,326 @@ async def test_many_senders_to_a_stalled_receiver_never_overflow_its_queue(
             await client.quit()
 
 
+# -- a recipient that stops reading (review finding 1) --------------------------------
+
+
+class SilentReceiver:
+    """A raw connection that accepts the first file offer, then reads
+    nothing more yet stays alive (a ping every 0.2 s). Its socket buffers
+    are tiny on both ends, so the server feels the stall after a few chunks
+    instead of megabytes."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.decoder = FrameDecoder(max_frame_size=None)
+        self.frames: list[Frame] = []
+        self._pinger: asyncio.Task[None] | None = None
+
+    async def frame(self, kind: str) -> Frame:
+        """Read until a frame of type ``kind`` (bounded by WAIT)."""
+
+        async def scan() -> Frame:
+            while True:
+                for i, frame in enumerate(self.frames):
+                    if frame.type == kind:
+                        del self.frames[: i + 1]
+                        return frame
+                self.frames.clear()
+                data = await self.reader.read(1 << 16)
+                assert data, "connection closed"
+                self.frames += self.decoder.feed(data)
+
+        return await asyncio.wait_for(scan(), WAIT)
+
+    async def accept_and_stall(self, offers: int = 1) -> None:
+        """Accept the next ``offers`` offers, then read no more."""
+        for _ in range(offers):
+            tid = (await self.frame("file.offer")).header["tid"]
+            self.writer.write(encode_frame({"type": "file.accept", "tid": tid, "offset": 0}))
+        self._pinger = asyncio.create_task(self._ping())
+
+    async def _ping(self) -> None:
+        # The peer's behaviour, not a synchronisation: alive, never reading.
+        while True:
+            await asyncio.sleep(0.2)
+            self.writer.write(encode_frame({"type": "ping"}))
+
+    async def close(self) -> None:
+        if self._pinger is not None:
+            self._pinger.cancel()
+        self.writer.close()
+
+
+@asynccontextmanager
+async def silent_receiver(server: libchat.Server, user: str) -> AsyncIterator[SilentReceiver]:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", server.port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    peer = SilentReceiver(reader, writer)
+    writer.write(encode_frame({"type": "hello", "version": PROTOCOL_VERSION, "user": user}))
+    await peer.frame("welcome")
+    (session,) = server.find_sessions(lambda s: s.name == user)
+    server_socket = session.conn.transport.get_extra_info("socket")
+    server_socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    try:
+        yield peer
+    finally:
+        await peer.close()
+
+
+def test_the_stall_timeout_stays_under_keepalive() -> None:
+    def timeout(interval: float, ping_timeout: float, **config: Any) -> float:
+        limits = libchat.Limits(ping_interval=interval, ping_timeout=ping_timeout)
+        return stall_timeout(libchat.Server(limits=limits, config=config))
+
+    assert timeout(30, 20) == DEFAULT_STALL_TIMEOUT == 30
+    assert timeout(30, 20, file_stall_timeout=5) == 5
+    # keepalive drops a silent sender ping_interval + ping_timeout after its
+    # last frame was read: the stall is always cut well before that
+    assert timeout(1, 1) == 1.5
+    assert timeout(1, 1, file_stall_timeout=0) == 1.5
+    assert timeout(0, 20, file_stall_timeout=0) == 0  # no keepalive: no bound at all
+    assert timeout(30, 0, file_stall_timeout=7.5) == 7.5
+    with pytest.raises(ValueError, match="file_stall_timeout"):
+        timeout(30, 20, file_stall_timeout=-1)
+
+
+async def test_a_recipient_that_stops_reading_cannot_hold_the_sender(tmp_path: Path) -> None:
+    """The review's r_stall.py: mallory accepts, then reads nothing but
+    answers keepalive. alice's transfer is aborted after the stall timeout,
+    on both sides; alice's session goes on (and is not dropped by keepalive),
+    and her name is hers to leave and take again."""
+    src = tmp_path / "big.bin"
+    make_file(src, 4 << 20)
+    limits = libchat.Limits(
+        ping_interval=1.0, ping_timeout=1.0, handshake_timeout=5.0, max_connections_per_address=0
+    )
+    async with (
+        running_server(plugins=["files"], limits=limits) as server,
+        silent_receiver(server, "mallory") as mallory,
+    ):
+        alice = await sender(server, "alice")
+        assert alice.welcome["limits"]["file_stall_timeout"] == 1.5
+        sending = asyncio.create_task(files_of(alice).send("mallory", src))
+        await mallory.accept_and_stall()
+        reason = "mallory stopped receiving: nothing taken for 1.5 s"
+        with pytest.raises(Interrupted, match=re.escape(reason)):
+            await asyncio.wait_for(sending, WAIT)
+        assert not alice.closed and await alice.ping() >= 0
+        assert "alice" in {s.name for s in server.sessions}
+        abort = await mallory.frame("file.abort")  # behind the chunks she never read
+        assert abort.header["reason"] == reason
+        await alice.quit()
+        again = await sender(server, "alice")
+        await again.quit()
+
+
+async def test_other_senders_to_a_stalled_recipient_are_not_blocked_for_ever(
+    tmp_path: Path,
+) -> None:
+    """Every sender to mallory waits on her (one chunk at a time towards a
+    recipient); each gets its transfer aborted, none hangs."""
+    src = tmp_path / "f.bin"
+    make_file(src, 2 << 20)
+    async with (
+        files_server(file_stall_timeout=0.5) as server,
+        silent_receiver(server, "mallory") as mallory,
+    ):
+        alice, carol = await sender(server, "alice"), await sender(server, "carol")
+        sends = [
+            asyncio.create_task(files_of(client).send("mallory", src)) for client in (alice, carol)
+        ]
+        await mallory.accept_and_stall(offers=2)
+        for sending in sends:
+            with pytest.raises(Interrupted, match="stopped receiving"):
+                await asyncio.wait_for(sending, WAIT)
+        assert await alice.ping() >= 0 and await carol.ping() >= 0
+        await alice.quit()
+        await carol.quit()
+
+
+# -- a distributed hub (review finding 4) ---------------------------------------------
+
+
+class ForwardingHub:
+    """Any hub that is not the in-process LocalHub (a RedisHub, say)."""
+
+    def __init__(self) -> None:
+        self._hub = LocalHub()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._hub, name)
+
+
+async def test_the_files_plugin_refuses_to_start_on_a_distributed_hub() -> None:
+    server = libchat.Server("127.0.0.1", 0, plugins=["files"], hub=ForwardingHub())  # type: ignore[arg-type]
+    with pytest.raises(InvalidPlugin, match=r"does not work across several servers yet \(--hub\)"):
+        await server.start()
+    assert server.sockets == []  # it never listened
+    async with running_server(plugins=["dm"], hub=ForwardingHub()) as other:
+        assert other.port  # other plugins are not affected
+
+
+# -- the receiver's limits (review finding 2) -----------------------------------------
+
+
+def parts(folder: Path) -> list[Path]:
+    return sorted(folder.glob(".*.part"))
+
+
+async def half_sent(mallory: libchat.Client, to: str, size: int, name: str = "notes.txt") -> str:
+    """The review's r_partfill.py round: offer a file under a fresh SHA-256,
+    send all of it but the last byte, abort."""
+    tid = await raw_offer(mallory, to, name, size, secrets.token_hex(32))
+    accept = await next_of(mallory, libchat.Event, **of_type("file.accept"))
+    assert accept.header["tid"] == tid
+    data = os.urandom(size - 1)
+    for offset in range(0, len(data), CHUNK):
+        chunk = data[offset : offset + CHUNK]
+        await mallory.send_frame({"type": "file.chunk", "tid": tid, "offset": offset}, chunk)
+    await mallory.send_frame({"type": "file.abort", "tid": tid, "reason": "oops"})
+    return tid
+
+
+async def test_a_sender_cannot_fill_the_receivers_disk_with_part_files(tmp_path: Path) -> None:
+    inbox = tmp_path / "in"
+    size = 100_000
+    quota = 250_000
+    async with files_server() as server:
+        bob = await receiver(server, "bob", inbox)
+        bob.options["part_quota"] = quota
+        mallory = await connect(server, "mallory")
+        for _ in range(6):
+            await half_sent(mallory, "bob", size)
+            got = await result(bob)
+            assert got.state == "failed" and got.received == size - 1
+            assert sum(p.stat().st_size for p in parts(inbox)) <= quota
+        # the newest leftovers are kept, for a resume
+        assert len(parts(inbox)) == 2
+        assert [p.name for p in inbox.iterdir() if not p.name.startswith(".")] == []
+        # and the number of .part files is capped too
+        bob.options.update(part_quota=10 * size, max_part_files=3)
+        for _ in range(4):
+            await half_sent(mallory, "bob", 1000)
+            assert (await result(bob)).state == "failed"
+            assert len(parts(inbox)) <= 3
+        await mallory.quit()
+        await bob.quit()
+
+
+async def test_a_part_over_the_quota_is_not_kept_even_for_a_person(tmp_path: Path) -> None:
+    """A person may accept a file larger than the quota; if it fails, its
+    .part does not stay behind."""
+    inbox = tmp_path / "in"
+    async with files_server() as server:
+        bob = await connect(server, "bob", plugins=["files"], options={"part_quota": 50_000})
+        mallory = await connect(server, "mallory")
+        sending = asyncio.create_task(half_sent(mallory, "bob", 100_000))
+        offer = await next_of(bob, libchat.Event, **of_type("file.offer"))
+        await files_of(bob).accept(offer.header["tid"], inbox)
+        await asyncio.wait_for(sending, WAIT)
+        got = await files_of(bob).wait(offer.header["tid"], WAIT)
+        assert got.state == "failed" and got.received == 99_999
+        assert parts(inbox) == []
+        await mallory.quit()
+        await bob.quit()
+
+
+async def test_an_automatic_accept_that_does_not_fit_is_declined(tmp_path: Path) -> None:
+    """Two offers at once, room for one: one is accepted (and its room
+    reserved at once), the other declined."""
+    inbox = tmp_path / "in"
+    async with files_server() as server:
+        bob = await receiver(server, "bob", inbox)
+        bob.options["part_quota"] = 150_000
+        mallory = await connect(server, "mallory")
+        offers = [
+            await raw_offer(mallory, "bob", name, 100_000, secrets.token_hex(32))
+            for name in ("a.bin", "b.bin")
+        ]
+        answers = {}
+        while len(answers) < 2:
+            event = await mallory.next_event(WAIT)
+            if event.type in ("file.accept", "file.decline"):
+                answers[event.header["tid"]] = event
+        assert sorted(answers) == sorted(offers)
+        kinds = sorted(event.type for event in answers.values())
+        assert kinds == ["file.accept", "file.decline"]
+        (decline,) = [e for e in answers.values() if e.type == "file.decline"]
+        assert decline.header["reason"] == (
+            "no room: this receiver keeps at most 150000 bytes in 32 partial files"
+        )
+        await mallory.quit()
+        await bob.quit()
+
+
+async def test_only_the_senders_and_sizes_allowed_are_accepted(tmp_path: Path) -> None:
+    inbox = tmp_path / "in"
+    small, big = tmp_path / "small.txt", tmp_path / "big.bin"
+    sha = make_file(small, 500)
+    make_file(big, 2000)
+    async with files_server() as server:
+        bob = await receiver(server, "bob", inbox)
+        bob.options.update(accept_files_from="Alice, dave", max_file_size=1000)
+        alice, carol = await sender(server, "alice"), await sender(server, "carol")
+        with pytest.raises(Declined, match="not accepting files from you"):
+            await asyncio.wait_for(files_of(carol).send("bob", small), WAIT)
+        offer = await next_of(bob, libchat.Event, **of_type("file.offer"))
+        assert "declined: not accepting files from you" in (format_event(offer) or "")
+        with pytest.raises(Declined, match="this receiver's limit is 1000"):
+            await asyncio.wait_for(files_of(alice).send("bob", big), WAIT)
+        await asyncio.wait_for(files_of(alice).send("bob", small), WAIT)
+        assert sha256_of(inbox / "small.txt") == sha
+        assert listing(inbox) == ["small.txt"]
+        for client in (alice, carol, bob):
+            await client.quit()
+
+
+async def test_old_part_files_expire_and_nothing_else_is_touched(tmp_path: Path) -> None:
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    sha = "ab" * 32
+    old = time.time() - 2 * 24 * 3600
+    expired = inbox / part_name("old.bin", sha)
+    locked = inbox / part_name("busy.bin", sha)  # another receiver is writing it
+    others = [inbox / "mine.txt", inbox / ".bashrc", inbox / "x.part", inbox / ".a.b.part"]
+    for path in (expired, locked, *others):
+        path.write_bytes(b"x" * 10)
+        os.utime(path, (old, old))
+    src = tmp_path / "new.bin"
+    make_file(src, 100)
+    with locked.open("rb") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        async with files_server() as server:
+            bob = await receiver(server, "bob", inbox)
+            alice = await sender(server, "alice")
+            await asyncio.wait_for(files_of(alice).send("bob", src), WAIT)
+            await alice.quit()
+            await bob.quit()
+    assert not expired.exists()
+    assert locked.exists() and all(path.exists() for path in others)
+
+
+def test_receive_limits_from_options() -> None:
+    limits = ReceiveLimits.from_options({"accept_files_from": "Alice, bob,", "max_file_size": 10})
+    assert limits.accept_from == {"alice", "bob"} and limits.max_file_size == 10
+    assert limits.refusal("ALICE", 10) is None
+    assert limits.refusal("carol", 1) == "not accepting files from you"
+    assert ReceiveLimits.from_options({"accept_files_from": ["x"]}).refusal("X", 1) is None
+    assert ReceiveLimits.from_options({}).refusal("anyone", 4 << 30) is None
+    for bad in (
+        {"max_file_size": -1},
+        {"part_quota": "1G"},
+        {"max_part_files": True},
+        {"part_max_age": -5},
+        {"accept_files_from": "../x"},
+    ):
+        with pytest.raises(ValueError):
+            ReceiveLimits.from_options(bad)
+
+
 # -- the terminal client's commands ---------------------------------------------------
 
 
@@ -880,6 +1212,7 @@ def test_chat_send_file_end_to_end(tmp_path: Path) -> None:
         make_file(src, 4 * CHUNK + 1)  # over the server's --max-file-size
         too_large = run_chat(*send_file(server.port, src))
         assert too_large.returncode == 5, too_large.stderr
+        bob.send("quit")  # the end of input alone does not stop a receiver
         assert bob.finish() == 0
     finally:
         bob.kill()
@@ -999,3 +1332,220 @@ async def test_send_file_logs_in_and_any_connection_of_the_recipient_may_accept(
         assert listing(tmp_path / "laptop") == []  # nothing left behind
         await laptop.quit()
         await phone.quit()
+
+
+# -- chat send-file prints nothing raw from the peer (review finding 3) ---------------
+
+EVIL = "\x1b]0;PWNED\x07\x1b[2J\x1b[31mfake: transfer verified OK\x1b[0m\r\n\x9b1m\u202e"
+
+
+async def test_send_file_never_prints_the_peers_text_raw(tmp_path: Path) -> None:
+    """A decline reason, a verdict's error and an abort reason come from the
+    recipient: escape sequences in them reach the sender's terminal escaped."""
+    src = tmp_path / "f.bin"
+    make_file(src, 500)
+    async with files_server() as server:
+        bob = await connect(server, "bob")  # raw frames
+
+        async def answer(how: str) -> None:
+            offer = await next_of(bob, libchat.Event, **of_type("file.offer"))
+            tid = offer.header["tid"]
+            if how == "decline":
+                await bob.request({"type": "file.decline", "tid": tid, "reason": EVIL})
+                return
+            await bob.request({"type": "file.accept", "tid": tid, "offset": 0})
+            if how == "abort":
+                await bob.send_frame({"type": "file.abort", "tid": tid, "reason": EVIL})
+                return
+            await next_of(bob, libchat.Event, **of_type("file.done"))
+            await bob.send_frame({"type": "file.result", "tid": tid, "ok": False, "error": EVIL})
+
+        for how, status in [("decline", 3), ("abort", 6), ("result", 1)]:
+            answering = asyncio.create_task(answer(how))
+            code, out, err = await chat(*send_file(server.port, src))
+            await asyncio.wait_for(answering, WAIT)
+            assert code == status, (how, err)
+            assert r"\x1b]0;PWNED\x07\x1b[2J" in err, (how, err)
+            for raw in ("\x1b", "\x07", "\r", "\x9b", "\u202e"):
+                assert raw not in out + err, (how, raw, err)
+        await bob.quit()
+
+
+def test_the_plugin_uses_the_one_sanitizer() -> None:
+    offer = libchat.Event(
+        "file.offer",
+        {"type": "file.offer", "tid": "1\x1b[2J", "from": "x", "name": EVIL, "size": 3},
+    )
+    line = format_event(offer) or ""
+    assert r"\x1b]0;PWNED" in line and r"1\x1b[2J" in line
+    assert not set(line) & set("\x1b\x07\r\n\x9b\u202e")
+
+
+# -- chat send-file: connecting (review finding 5) ------------------------------------
+
+
+async def test_send_file_explains_a_name_held_by_the_senders_chat_session(
+    tmp_path: Path,
+) -> None:
+    """The README flow without accounts: alice chats in `chat join`, then runs
+    `chat send-file --user alice`: her name is taken, and she is told why and
+    what to do instead."""
+    src = tmp_path / "my report.pdf"
+    make_file(src, 100)
+    async with files_server() as server:
+        alice = await connect(server, "alice")
+        bob = await receiver(server, "bob", tmp_path / "in")
+        code, out, err = await chat(*send_file(server.port, src))
+        assert code == 1 and out == ""
+        assert "the name 'alice' is in use" in err
+        assert (
+            f'hint: alice is connected elsewhere: use /send bob "{src}" in your chat session, '
+            "or run the server with accounts (--plugins auth)"
+        ) in err
+        await alice.quit()
+        await bob.quit()
+
+
+async def test_send_file_joins_no_room(tmp_path: Path) -> None:
+    """Nobody in the lobby sees `chat send-file` come and go."""
+    src = tmp_path / "f.bin"
+    make_file(src, 100)
+    async with files_server() as server:
+        watcher = await connect(server, "watcher")
+        bob = await receiver(server, "bob", tmp_path / "in")
+        code, _, err = await chat(*send_file(server.port, src))
+        assert code == 0, err
+        marker = await connect(server, "marker")  # joins after send-file left
+        seen = []
+        while (event := await next_of(watcher, libchat.Presence)).user != "marker":
+            seen.append(event.user)
+        assert seen == ["watcher", "bob"]  # and no alice
+        for client in (watcher, bob, marker):
+            await client.quit()
+
+
+def test_send_file_shares_the_clis_connection_options() -> None:
+    from libchat_cli import join
+    from libchat_files.cli import _plugins
+    from libchat_files.cli import send_file as command
+
+    def described(cmd: Any) -> dict[str, tuple[Any, ...]]:
+        return {
+            p.name: (tuple(p.opts), p.envvar, p.default, p.required, getattr(p, "help", None))
+            for p in cmd.params
+            if p.name in ("host", "port", "user")
+        }
+
+    assert described(command) == described(join) and len(described(join)) == 3
+    plugins = _plugins()
+    assert plugins[0].__name__ == "libchat_files"  # always this one, first
+    assert len(plugins) == len(set(map(id, plugins)))  # and once
+
+
+# -- an unattended receiver (review finding 6) ----------------------------------------
+
+
+def test_the_terminal_and_the_plugin_agree_on_the_unfinished_option() -> None:
+    assert UNFINISHED_OPTION == transfers_module.UNFINISHED_OPTION
+
+
+async def test_quitting_waits_a_while_for_transfers_in_progress(tmp_path: Path) -> None:
+    data = random.Random(5).randbytes(3 * CHUNK)
+    sha = hashlib.sha256(data).hexdigest()
+    inbox = tmp_path / "in"
+    async with files_server() as server:
+        alice = await connect(server, "alice")  # raw frames: sends when told
+        bob = await receiver(server, "bob", inbox)
+        said: list[str] = []
+        terminal = Terminal(bob, out=said.append, err=said.append, quit_wait=WAIT)
+        tid = await raw_offer(alice, "bob", "x.bin", len(data), sha)
+        await next_of(alice, libchat.Event, **of_type("file.accept"))
+        await next_of(bob, libchat.Event, **of_type("file.offer"))
+        # the transfer finishes while the terminal waits for it
+        finishing = asyncio.create_task(terminal.finish_work())
+        await raw_stream(alice, tid, data)
+        await asyncio.wait_for(finishing, 2 * WAIT)
+        assert said[0].startswith("waiting for 1 file transfer to finish (at most 10 s")
+        assert len(said) == 1 and sha256_of(inbox / "x.bin") == sha
+        # a quitting receiver accepts nothing more by itself
+        await raw_offer(alice, "bob", "y.bin", 10, "0" * 64)
+        offer = await next_of(bob, libchat.Event, **of_type("file.offer"))
+        assert "accepting" not in offer.header["local"]
+        await alice.quit()
+        await bob.quit()
+
+
+async def test_quitting_waits_for_a_stalled_transfer_no_longer_than_its_bound(
+    tmp_path: Path,
+) -> None:
+    async with files_server() as server:
+        alice = await connect(server, "alice")
+        bob = await receiver(server, "bob", tmp_path / "in")
+        said: list[str] = []
+        terminal = Terminal(bob, out=said.append, err=said.append, quit_wait=0.2)
+        await raw_offer(alice, "bob", "x.bin", 10, "0" * 64)
+        await next_of(alice, libchat.Event, **of_type("file.accept"))  # then nothing
+        await asyncio.wait_for(terminal.finish_work(), WAIT)
+        assert said == [
+            "waiting for 1 file transfer to finish (at most 0.2 s; "
+            "Ctrl-C or a second SIGTERM leaves now)",
+            "leaving with 1 file transfer unfinished",
+        ]
+        await alice.quit()
+        await bob.quit()
+
+
+async def test_an_accepting_receiver_runs_on_after_its_input_ends(tmp_path: Path) -> None:
+    """`chat join --accept-files DIR </dev/null` (cron, systemd): the end of
+    input does not make it leave; it receives files until SIGTERM, and then
+    leaves cleanly."""
+    src = tmp_path / "f.bin"
+    sha = make_file(src, CHUNK + 1)
+    inbox = tmp_path / "in"
+    async with files_server() as server:
+        watcher = await connect(server, "watcher")
+        bob = PipeClient(server.port, "bob", "--accept-files", str(inbox), stdin=subprocess.DEVNULL)
+        try:
+            await asyncio.to_thread(bob.wait_for, r"^\[lobby\] \* bob joined$")
+            alice = await sender(server, "alice")
+            await asyncio.wait_for(files_of(alice).send("bob", src), WAIT)
+            await asyncio.to_thread(bob.wait_for, r"^\[file\] saved f\.bin from alice")
+            assert sha256_of(inbox / "f.bin") == sha
+            assert bob.proc.poll() is None
+            bob.proc.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(bob.wait) == 0
+            left = await next_of(watcher, libchat.Presence, user="bob", event="left")
+            assert left.reason == "terminated"
+            assert "Traceback" not in bob.stderr()
+            await alice.quit()
+        finally:
+            bob.kill()
+        await watcher.quit()
+
+
+async def test_sigterm_lets_a_transfer_in_progress_finish(tmp_path: Path) -> None:
+    src = tmp_path / "f.bin"
+    sha = make_file(src, 4 * CHUNK)
+    inbox = tmp_path / "in"
+    async with files_server() as server:
+        bob = PipeClient(server.port, "bob", "--accept-files", str(inbox), stdin=subprocess.DEVNULL)
+        try:
+            await asyncio.to_thread(bob.wait_for, r"^\[lobby\] \* bob joined$")
+            alice = await sender(server, "alice")
+            moving = asyncio.Event()
+            sending = asyncio.create_task(
+                files_of(alice).send("bob", src, progress=lambda *_: Mark(moving), rate=2 * CHUNK)
+            )
+            await asyncio.wait_for(moving.wait(), WAIT)
+            bob.proc.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(
+                bob.wait_for, r"^waiting for 1 file transfer to finish", err=True
+            )
+            outgoing = await asyncio.wait_for(sending, WAIT)
+            assert outgoing.sha256 == sha
+            assert await asyncio.to_thread(bob.wait) == 0
+            assert sha256_of(inbox / "f.bin") == sha
+            assert "unfinished" not in bob.stderr()
+            await alice.quit()
+        finally:
+            bob.kill()

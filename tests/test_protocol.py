@@ -193,8 +193,12 @@ def test_doc_lists_every_error_code() -> None:
 def test_doc_lists_every_limit_with_its_default() -> None:
     rows = re.findall(r"^\| `(\w+)` \| (\w+) \|([^|]*)\|", _section("7. Limits"), re.M)
     documented = {name: default.strip() for name, _type, default in rows}
-    assert list(documented) == [*Limits.names(), "nick", "room"]
-    for name, value in Limits().as_dict().items():
+    fixed = {
+        "max_list_items": protocol.MAX_LIST_ITEMS,
+        "max_reason_chars": protocol.MAX_REASON_CHARS,
+    }
+    assert list(documented) == [*Limits.names(), *fixed, "nick", "room"]
+    for name, value in {**Limits().as_dict(), **fixed}.items():
         assert documented[name] == str(value), f"default of {name}"
 
 
@@ -243,6 +247,43 @@ def test_many_frames_in_one_chunk() -> None:
     decoder = FrameDecoder()
     assert decoder.feed(SAMPLE_BYTES) == SAMPLE
     assert decoder.buffered == 0
+
+
+def test_received_bytes_are_decoded_one_frame_at_a_time() -> None:
+    # The server keeps a backlog as bytes and decodes a frame only when its
+    # session takes one: a flood of tiny frames costs its size, no more.
+    decoder = FrameDecoder()
+    decoder.receive_data(SAMPLE_BYTES + SAMPLE_BYTES[:5])
+    assert decoder.buffered == len(SAMPLE_BYTES) + 5
+    sizes = [len(encode_frame(f.header, f.body)) for f in SAMPLE]
+    left = decoder.buffered
+    for frame, size in zip(SAMPLE, sizes, strict=True):
+        assert decoder.ready()
+        assert decoder.next_frame() == frame
+        left -= size
+        assert decoder.buffered == left
+    assert not decoder.ready() and decoder.next_frame() is None
+    decoder.receive_data(SAMPLE_BYTES[5:])  # completes the partial frame
+    assert decoder.buffered == len(SAMPLE_BYTES)
+    assert decoder.next_frame() == SAMPLE[0]
+
+
+def test_ready_reports_an_error_waiting_to_be_raised() -> None:
+    decoder = FrameDecoder(max_frame_size=100)
+    decoder.receive_data(encode_frame({"type": "ping"}) + _prefix(50, 51))
+    assert decoder.next_frame() == Frame({"type": "ping"})
+    # only the prefix of a frame too large: refused without waiting for it
+    assert decoder.ready()
+    with pytest.raises(FrameTooLarge):
+        decoder.next_frame()
+    assert decoder.buffered == 0 and decoder.ready()
+    with pytest.raises(ProtocolError, match="already failed"):
+        decoder.receive_data(b"more")
+    plain = FrameDecoder()
+    plain.receive_data(b"h")
+    assert plain.ready()
+    with pytest.raises(ProtocolError, match="plain text"):
+        plain.next_frame()
 
 
 def test_byte_by_byte_each_frame_completes_on_its_last_byte() -> None:

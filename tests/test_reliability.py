@@ -14,17 +14,21 @@ import asyncio
 import contextlib
 import socket
 import struct
+import tracemalloc
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+import trustme
 
 import libchat
 from conftest import WAIT, connect, next_of, running_server
-from libchat.connection import READ_SIZE
-from libchat.errors import RemoteError
+from libchat import protocol
+from libchat.connection import READ_AHEAD, READ_SIZE, ServerConnection
+from libchat.errors import ConnectionClosed, RemoteError
 from libchat.hub import LocalHub
 from libchat.protocol import MAGIC, PREFIX, PROTOCOL_VERSION, Frame, FrameDecoder, encode_frame
+from libchat.tls import client_context, server_context
 
 # -- a raw client that speaks bytes -------------------------------------------------------
 
@@ -218,9 +222,9 @@ class RecordingDecoder(FrameDecoder):
 
     peak = 0
 
-    def feed(self, data: bytes) -> list[Frame]:
-        self.peak = max(self.peak, self.buffered + len(data))
-        return super().feed(data)
+    def receive_data(self, data: bytes) -> None:
+        super().receive_data(data)
+        self.peak = max(self.peak, self.buffered)
 
 
 async def test_frame_far_over_the_limit_closes_that_connection_only() -> None:
@@ -1003,3 +1007,367 @@ async def test_close_with_a_stuck_reader_does_not_hang() -> None:
     assert conn.closed
     await stuck.close()
     await asyncio.wait_for(alice.wait_closed(), WAIT)
+
+
+# -- 17. reasons: capped, cleaned, never in the way ---------------------------------------
+
+
+class ClosedSpy:
+    """Records every session_closed hook call."""
+
+    def __init__(self) -> None:
+        self.closed: list[tuple[str, str]] = []
+
+    @libchat.hookimpl
+    def libchat_session_closed(self, session: libchat.Session, reason: str) -> None:
+        self.closed.append((session.name, reason))
+
+
+@pytest.mark.parametrize("size", [65_000, 65_490])
+async def test_a_huge_quit_reason_is_cut_and_kicks_nobody(
+    size: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    # 65,000 bytes of reason sent to 20 shared rooms used to overflow the
+    # others' send queues (a kick); 65,490 made the 'left' frame too large
+    # to encode, so nobody saw the user leave and no hook ran.
+    spy = ClosedSpy()
+    rooms = [f"room{i}" for i in range(20)]
+    async with chat_server(plugins=[spy]) as server:
+        victim = await connect(server, "victim")
+        mallory = await connect(server, "mallory")
+        for room in rooms:
+            await victim.join(room)
+            await mallory.join(room)
+        caplog.set_level("INFO", logger="libchat.server")
+        reason = "bye\nforged log line\x1b[31m " + "x" * size
+        mallory.conn.send({"type": "quit", "reason": reason[:size]})
+        await mallory.conn.drain()
+        seen: dict[str, str] = {}
+        while len(seen) < len(rooms) + 1:
+            left = await next_of(victim, libchat.Presence, user="mallory", event="left")
+            seen[left.room] = left.reason
+        assert set(seen) == {"lobby", *rooms}
+        (cut,) = set(seen.values())
+        assert len(cut) == protocol.MAX_REASON_CHARS
+        assert cut.startswith("bye forged log line [31m xxx") and cut.endswith("...")
+        await asyncio.wait_for(mallory.wait_closed(), WAIT)
+        assert mallory.close_reason == cut  # the bye says the same
+        await wait_until(lambda: bool(spy.closed))
+        assert spy.closed == [("mallory", cut)]
+        # the victim is still there, and logs hold the reason on one line
+        assert not victim.closed and await victim.who("room0") == ["victim"]
+        assert [r.getMessage() for r in caplog.records if "left" in r.getMessage()] == [
+            f"mallory ({session_peer(server, mallory)}) left: {cut!r}"
+        ]
+        await victim.quit()
+
+
+def session_peer(server: libchat.Server, client: libchat.Client) -> str:
+    host, port = client.conn.writer.get_extra_info("sockname")[:2]
+    return f"{host}:{port}"
+
+
+async def test_overlong_fields_in_requests_are_errors_not_failures() -> None:
+    # A frame type or an id of 64 KiB, quoted back in an error (or repeated
+    # in every reply), would not fit in a header: the error is answered
+    # with a short quote and the connection goes on.
+    async with chat_server() as server:
+        alice, bob = await pair(server)
+        raw = await Raw.open(server)
+        await raw.hello("mallory")
+        raw.send({"type": "t" * 65_000, "id": "1"})
+        error = (await raw.next_frame("error")).header
+        assert (error["code"], error["id"]) == ("bad_request", "1")
+        assert "unknown frame type 'ttt" in error["message"] and len(error["message"]) < 100
+        raw.send({"type": "rooms", "id": "i" * 65_000})
+        error = (await raw.next_frame("error")).header
+        assert error["code"] == "bad_request" and "id" not in error
+        assert "'id' is over 128 characters" in error["message"]
+        raw.send({"type": "msg", "room": "r" * 65_000, "text": "hi", "id": 2})
+        error = (await raw.next_frame("error")).header
+        assert (error["code"], error["id"]) == ("not_found", 2)
+        raw.send({"type": "rooms", "id": "i" * 128})
+        assert (await raw.next_frame("ok")).header["id"] == "i" * 128
+        await still_chatting(alice, bob)
+        await raw.close()
+        await quit_all(alice, bob)
+
+
+async def test_a_huge_first_frame_type_is_refused_with_a_short_quote() -> None:
+    async with chat_server() as server:
+        raw = await Raw.open(server)
+        raw.send({"type": "t" * 65_500})
+        error = await raw.refused("protocol_error")
+        assert "expected a 'hello' frame first" in error["message"]
+        assert len(error["message"]) < 200
+        future = await Raw.open(server)
+        future.send({"type": "hello", "version": "9" * 65_400, "user": "future"})
+        frames = await future.until_closed()
+        assert [f.type for f in frames] == ["error", "bye"]
+        assert frames[0].header["code"] == "handshake_failed"
+        assert len(frames[1].header["reason"]) <= protocol.MAX_REASON_CHARS
+
+
+# -- 18. a connection cut off while its handler waits --------------------------------------
+
+
+class Stall:
+    """A frame type whose handler waits for ever (as a file relay waiting
+    for a recipient that never drains did)."""
+
+    def __init__(self) -> None:
+        self.waiting = asyncio.Event()
+        self.cancelled = asyncio.Event()
+
+    @libchat.hookimpl
+    def libchat_frame_handlers(self, server: libchat.Server) -> dict[str, Any]:
+        return {"stall": self.on_stall}
+
+    async def on_stall(self, session: libchat.Session, frame: Frame) -> None:
+        self.waiting.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+
+
+@pytest.mark.parametrize("cut", ["ping timeout", "send queue exceeded"])
+async def test_a_cut_off_session_ends_even_while_its_handler_waits(cut: str) -> None:
+    stall, spy = Stall(), ClosedSpy()
+    keepalive = {"ping_interval": 0.2, "ping_timeout": 0.2} if cut == "ping timeout" else {}
+    async with chat_server(limits=limits(**keepalive), plugins=[stall, spy]) as server:
+        alice = await connect(server, "alice")
+        raw = await Raw.open(server)
+        await raw.hello("stuck")
+        raw.send({"type": "join", "room": "dev", "id": 1})
+        await raw.next_frame("ok")
+        await alice.join("dev")
+        raw.send({"type": "stall"})
+        await asyncio.wait_for(stall.waiting.wait(), WAIT)
+        if cut == "send queue exceeded":
+            # what the send queue does to a peer that stopped reading
+            session_of(server, "stuck").conn.abort(cut)
+        # (with ping timeout: the raw peer stays silent and is dropped)
+        for room in ("lobby", "dev"):
+            left = await next_of(alice, libchat.Presence, room=room, user="stuck", event="left")
+            assert left.reason == cut
+        assert stall.cancelled.is_set()
+        await wait_until(lambda: bool(spy.closed))
+        assert spy.closed == [("stuck", cut)]
+        assert {s.name for s in server.sessions} == {"alice"}
+        assert await server.hub.online("stuck") is None
+        # the name is free again
+        again = await connect(server, "stuck")
+        await still_chatting(alice, again)
+        await raw.close()
+        await quit_all(alice, again)
+
+
+# -- 19. a flood of tiny frames is held as bytes, not objects -------------------------------
+
+
+class Gate:
+    """A frame type whose handler waits until the test opens the gate."""
+
+    def __init__(self) -> None:
+        self.reached = asyncio.Event()
+        self.open = asyncio.Event()
+
+    @libchat.hookimpl
+    def libchat_frame_handlers(self, server: libchat.Server) -> dict[str, Any]:
+        return {"gate": self.on_gate}
+
+    async def on_gate(self, session: libchat.Session, frame: Frame) -> None:
+        self.reached.set()
+        await self.open.wait()
+
+
+async def test_a_flood_of_tiny_frames_costs_its_bytes_not_a_frame_object_each() -> None:
+    gate = Gate()
+    async with chat_server(plugins=[gate]) as server:
+        pongs = 0
+        core_pong = server.handlers["pong"]
+
+        def count_pong(session: libchat.Session, frame: Frame) -> Any:
+            nonlocal pongs
+            pongs += 1
+            return core_pong(session, frame)
+
+        server.handlers["pong"] = count_pong
+        alice = await connect(server, "alice")
+        raw = await Raw.open(server)
+        await raw.hello("flood")
+        raw.send({"type": "gate"})
+        await asyncio.wait_for(gate.reached.wait(), WAIT)
+        conn = session_of(server, "flood").conn
+        pong = encode_frame({"type": "pong"})  # 23 bytes
+        count = (2 << 20) // len(pong)
+        raw.write(pong * count)  # queued in our transport before the server reads any
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            # The handler waits; the server reads until it holds READ_AHEAD
+            # bytes, then stops reading.
+            await wait_until(lambda: not conn.transport.is_reading())
+            held = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        # ~90,000 frames in 2 MiB: decoded at once they cost some 30 MB.
+        assert held < 4 << 20, f"{held} bytes held for a 2 MiB flood"
+        assert READ_AHEAD <= conn.backlog() <= READ_AHEAD + READ_SIZE
+        await still_chatting(alice, await connect(server, "bob"))
+        gate.open.set()
+        # Everything is handled, in order, once the handler lets go.
+        await wait_until(lambda: pongs == count)
+        assert conn.backlog() == 0 and conn.transport.is_reading()
+        await raw.writer.drain()
+        await raw.close()
+        await alice.quit()
+
+
+# -- 20. replies that would not fit, and the room limit --------------------------------------
+
+
+async def test_rooms_reply_is_cut_to_fit() -> None:
+    # 1,000 rooms with the longest names: the whole list is over 64 KiB.
+    async with chat_server(limits=limits(max_rooms_per_session=1001)) as server:
+        alice = await connect(server, "alice", receive_events=False)
+        names = [f"r{i:03d}" + "y" * 44 for i in range(1000)]
+        await asyncio.wait_for(asyncio.gather(*(alice.join(n) for n in names)), WAIT)
+        reply = await alice.request({"type": "rooms"})
+        assert reply["truncated"] is True and reply["total"] == 1001
+        assert [r["room"] for r in reply["rooms"]] == ["lobby", *names][: protocol.MAX_LIST_ITEMS]
+        assert len(await alice.list_rooms()) == protocol.MAX_LIST_ITEMS
+        # a list that fits says nothing more
+        bob = await connect(server, "bob")
+        assert "truncated" not in await bob.request({"type": "who", "room": "lobby"})
+        await quit_all(alice, bob)
+
+
+class Crowd:
+    """A hub member with no connection (the hub is the seam: anything with a
+    name and deliver() can be in a room)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def deliver(self, data: bytes) -> None:
+        pass
+
+
+async def test_who_and_join_replies_are_cut_to_fit() -> None:
+    async with chat_server() as server:
+        # 2,000 members with 32-character names: over 64 KiB of names.
+        crowd = [Crowd(f"m{i:04d}" + "z" * 27) for i in range(2000)]
+        for member in crowd:
+            await server.hub.attach(member)
+            await server.hub.join("crowd", member)
+        alice = await connect(server, "alice")
+        who = await alice.request({"type": "who", "room": "crowd"})
+        assert who["truncated"] is True and who["total"] == 2000
+        assert who["members"] == [m.name for m in crowd[: protocol.MAX_LIST_ITEMS]]
+        joined = await alice.request({"type": "join", "room": "crowd"})
+        assert joined["truncated"] is True and joined["total"] == 2001
+        assert len(joined["members"]) == protocol.MAX_LIST_ITEMS
+        assert alice.room == "crowd"
+        await alice.quit()
+
+
+async def test_max_rooms_bounds_the_rooms_on_the_server() -> None:
+    async with chat_server(limits=limits(max_rooms=3)) as server:
+        alice, bob = await pair(server)  # lobby is one
+        assert alice.welcome["limits"]["max_rooms"] == 3
+        await alice.join("one")
+        await alice.join("two")
+        with pytest.raises(RemoteError) as err:
+            await bob.join("three")
+        assert err.value.remote_code == "bad_request" and "max_rooms" in err.value.message
+        assert await bob.join("two") == ["alice", "bob"]  # one that exists is fine
+        await alice.part("one")  # empty: gone
+        assert await bob.join("three") == ["bob"]
+        await still_chatting(alice, bob)
+        await quit_all(alice, bob)
+
+
+# -- 21. TLS: connections count from the TCP accept ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    folder = tmp_path_factory.mktemp("tls")
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(folder / "ca.pem"))
+    cert = ca.issue_cert("127.0.0.1")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(folder / "server.pem"))
+    return str(folder / "server.pem"), str(folder / "ca.pem")
+
+
+async def test_tls_handshakes_in_progress_count_against_the_address_limit(
+    tls_files: tuple[str, str],
+) -> None:
+    server_pem, ca_pem = tls_files
+    context = server_context(server_pem)
+    # A long handshake timeout: the silent sockets would be held that long.
+    tls_limits = limits(max_connections_per_address=2, handshake_timeout=60.0)
+    server = libchat.Server("127.0.0.1", 0, ssl=context, limits=tls_limits)
+    await server.start()
+    try:
+        silent = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(2)]
+        await wait_until(lambda: server._per_address.get("127.0.0.1") == 2)
+        # The third is refused at once, without waiting for its ClientHello.
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        assert await asyncio.wait_for(reader.read(), WAIT) == b""
+        writer.close()
+        with pytest.raises(ConnectionClosed):
+            await connect(server, "alice", ssl=client_context(cafile=ca_pem))
+        for _, silent_writer in silent:
+            silent_writer.close()
+        # Their slots are freed as the handshakes fail.
+        await wait_until(lambda: not server._per_address)
+        alice = await connect(server, "alice", ssl=client_context(cafile=ca_pem))
+        bob = await connect(server, "bob", ssl=client_context(cafile=ca_pem))
+        await still_chatting(alice, bob)
+        await bob.quit()
+        await wait_until(lambda: server._per_address.get("127.0.0.1") == 1)
+        # A handshake in progress does not hold the shutdown up.
+        await asyncio.open_connection("127.0.0.1", server.port)
+        await wait_until(lambda: len(server._upgrades) == 1)
+        await asyncio.wait_for(server.close(timeout=30.0), WAIT)
+        await asyncio.wait_for(alice.wait_closed(), WAIT)
+    finally:
+        await server.close()
+
+
+async def test_a_tls_handshake_timeout_frees_the_slot(tls_files: tuple[str, str]) -> None:
+    server_pem, ca_pem = tls_files
+    tls_limits = limits(max_connections_per_address=1, handshake_timeout=0.3)
+    async with chat_server(ssl=server_context(server_pem), limits=tls_limits) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        assert await asyncio.wait_for(reader.read(), WAIT) == b""  # dropped after 0.3 s
+        writer.close()
+        await wait_until(lambda: not server._per_address)
+        alice = await connect(server, "alice", ssl=client_context(cafile=ca_pem))
+        assert alice.welcome["user"] == "alice"
+        await alice.quit()
+
+
+class FakeTransport(asyncio.Transport):
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 4242) if name == "peername" else default
+
+
+async def test_a_listener_hears_of_frames_that_arrived_before_it() -> None:
+    # With TLS 1.3 a client may send its hello in the packet that ends the
+    # handshake: it reaches the connection before the session listens, and
+    # must not wait for the handshake timeout to be noticed.
+    conn = ServerConnection(lambda conn: None)
+    conn.connection_made(FakeTransport())
+    data = encode_frame({"type": "ping"})
+    conn.get_buffer(len(data))[: len(data)] = data
+    conn.buffer_updated(len(data))
+    woken: list[bool] = []
+    conn.set_listener(lambda: woken.append(True))
+    assert woken == [True]
+    frame = conn.next_frame()
+    assert frame is not None and frame.type == "ping"

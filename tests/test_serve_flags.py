@@ -21,6 +21,7 @@ FLAGS = {
     "max_connections": ("--max-connections", 77),
     "max_connections_per_address": ("--max-per-address", 5),
     "max_rooms_per_session": ("--max-rooms-per-session", 3),
+    "max_rooms": ("--max-rooms", 123),
 }
 
 

@@ -188,6 +188,13 @@ def cli() -> None:
     help="Rooms one connection may be in at once.",
 )
 @click.option(
+    "--max-rooms",
+    type=click.IntRange(0),
+    default=DEFAULT_LIMITS.max_rooms,
+    show_default=True,
+    help="Rooms on the server at once; creating one past it is refused. 0: no limit.",
+)
+@click.option(
     "--ping-interval",
     type=click.FloatRange(0),
     default=DEFAULT_LIMITS.ping_interval,
@@ -249,6 +256,7 @@ def serve(
     max_frame_size: int,
     max_send_queue: int,
     max_rooms_per_session: int,
+    max_rooms: int,
     ping_interval: float,
     ping_timeout: float,
     handshake_timeout: float,
@@ -271,6 +279,7 @@ def serve(
         max_frame_size=max_frame_size,
         max_send_queue=max_send_queue,
         max_rooms_per_session=max_rooms_per_session,
+        max_rooms=max_rooms,
         ping_interval=ping_interval,
         ping_timeout=ping_timeout,
         handshake_timeout=handshake_timeout,
@@ -378,7 +387,28 @@ async def _serve(
     type=click.Path(file_okay=False),
     default=None,
     metavar="DIR",
-    help="files: accept every file offered to you, into DIR (for scripts).",
+    help="files: accept every file offered to you, into DIR (for scripts). "
+    "End of input then does not leave: quit or SIGTERM does.",
+)
+@click.option(
+    "--accept-files-from",
+    default=None,
+    metavar="NAME,NAME",
+    help="files: take offers from these users only; others are declined.",
+)
+@click.option(
+    "--max-file-size",
+    type=click.IntRange(1),
+    default=None,
+    metavar="BYTES",
+    help="files: decline offers of files larger than this.",
+)
+@click.option(
+    "--part-quota",
+    type=click.IntRange(0),
+    default=None,
+    metavar="BYTES",
+    help="files: room for unfinished (.part) files in DIR. [default: 4 GiB]",
 )
 @security_options
 def join(
@@ -388,6 +418,9 @@ def join(
     room: str,
     json_mode: bool,
     accept_files: str | None,
+    accept_files_from: str | None,
+    max_file_size: int | None,
+    part_quota: int | None,
     security: Security,
 ) -> None:
     """Join the chat. Interactive in a terminal; otherwise each stdin line
@@ -396,14 +429,20 @@ def join(
     On a server with accounts the password comes from $CHAT_PASSWORD, else
     from a hidden prompt."""
     interactive = sys.stdin.isatty() and sys.stdout.isatty() and not json_mode
+    # Settings for client-side plugins (the files plugin reads these).
+    given = {
+        "accept_files": accept_files,
+        "accept_files_from": accept_files_from,
+        "max_file_size": max_file_size,
+        "part_quota": part_quota,
+    }
+    options = {key: value for key, value in given.items() if value is not None}
     sys.exit(
         run_logged_in(
             host,
             user,
             security,
-            lambda connect: _join(
-                host, port, user, room, json_mode, interactive, connect, accept_files
-            ),
+            lambda connect: _join(host, port, user, room, json_mode, interactive, connect, options),
         )
     )
 
@@ -416,17 +455,16 @@ async def _join(
     json_mode: bool,
     interactive: bool,
     connect: dict[str, Any] | None = None,
-    accept_files: str | None = None,
+    options: dict[str, Any] | None = None,
 ) -> int:
     from .terminal import Terminal
 
-    options = {"accept_files": accept_files} if accept_files else None
     client = await login(
         host,
         port,
         user=user,
         room=room,
-        plugins=_client_plugins(),
+        plugins=client_plugins(),
         options=options,
         **(connect or {}),
     )
@@ -439,7 +477,7 @@ async def _join(
         await client.close()
 
 
-def _client_plugins() -> list[Any]:
+def client_plugins() -> list[Any]:
     """Every installed plugin that loads: their client-side hooks apply."""
     loaded = []
     for name, entry_point in sorted(installed_plugins().items()):
@@ -485,7 +523,7 @@ def build_cli() -> click.Group:
     if _plugin_commands_added:
         return cli
     _plugin_commands_added = True
-    for plugin in _client_plugins():
+    for plugin in client_plugins():
         try:
             make_plugin_manager([plugin]).hook.libchat_register_commands(cli=cli)
         except Exception as exc:

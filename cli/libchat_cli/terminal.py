@@ -11,6 +11,15 @@ Two faces over one command loop:
 
 ``quit``, ``/quit``, end of input (Ctrl-D) leave cleanly with status 0; a
 session the server ends (shutdown, drop) exits with status 1.
+
+A client that accepts files by itself (``--accept-files``, the
+``accept_files`` option) is a receiver meant to run unattended (cron,
+systemd, ``</dev/null``): in a pipe, the end of its input does not make it
+leave; it runs until ``quit``, Ctrl-C, SIGTERM or the server ends the
+session. Before leaving, any client gives work that quitting would cut short
+(file transfers in progress, as plugins list it under
+:data:`UNFINISHED_OPTION`) up to ``quit_wait`` seconds to finish, and says
+what it leaves unfinished.
 """
 
 from __future__ import annotations
@@ -20,13 +29,15 @@ import codecs
 import contextlib
 import inspect
 import io
+import logging
 import os
 import re
 import select
+import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, Final
 
 from libchat import ChatError, Client, ClientCommand, ConnectionClosed
 from libchat.errors import UnknownCommand
@@ -53,6 +64,17 @@ STDIN_BACKLOG = 64
 # A paste of several lines arrives as one input: each line is sent on its own.
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
+#: Seconds a quitting client waits for unfinished work (file transfers).
+QUIT_WAIT: Final = 30.0
+#: The ``client.options`` key under which client plugins list work that
+#: quitting would cut short: callables that return None (nothing in
+#: progress) or ``(description, awaitable)``, the awaitable completing once
+#: that work is over. Calling one also tells the plugin the client is
+#: leaving (the files plugin then accepts no more offers by itself).
+UNFINISHED_OPTION: Final = "unfinished"
+
+log = logging.getLogger("libchat.cli")
+
 
 class Quit(Exception):
     """The user asked to leave."""
@@ -72,12 +94,16 @@ class Terminal:
         json_mode: bool = False,
         out: Callable[[str], None] | None = None,
         err: Callable[[str], None] | None = None,
+        quit_wait: float = QUIT_WAIT,
     ) -> None:
         self.client = client
         self.json_mode = json_mode
         self.out = out or _print_out
         self.err = err or _print_err
+        self.quit_wait = quit_wait
         self.quit_requested = False
+        #: set by a second SIGTERM: leave without waiting for unfinished work
+        self._hurry = asyncio.Event()
         # Client plugins reach the terminal here (the files plugin shows the
         # progress of transfers it accepted by itself).
         client.options.setdefault("terminal", self)
@@ -241,29 +267,86 @@ class Terminal:
 
     # -- the two faces ----------------------------------------------------------------
 
+    @property
+    def keeps_running(self) -> bool:
+        """Whether the end of input leaves this client running: it accepts
+        files by itself (a receiver that runs unattended)."""
+        return bool(self.client.options.get("accept_files"))
+
     async def run_pipe(self) -> int:
-        """Read lines from stdin until quit or end of input."""
+        """Read lines from stdin until quit or end of input (for a client
+        that :attr:`keeps_running`: until quit, SIGTERM or the server ends
+        the session)."""
         _tolerant_stdout()
         lines = _StdinLines()
         printer = asyncio.create_task(self.print_events(), name="chat-printer")
+        with self._sigterm_quits() as terminated:
+            while True:
+                try:
+                    line = await self._next_input(lines, printer, terminated)
+                    if line is None:  # the connection (or stdout) ended
+                        return await self._printer_ended(printer)
+                    await self.handle_line(line)
+                except Quit as leave:
+                    return await self._leave(str(leave), printer)
+                except ConnectionClosed:
+                    return self._lost()
+                except OutputClosed:
+                    self.output_closed = True
+                    return await self._printer_ended(printer)
+
+    async def _next_input(
+        self, lines: _StdinLines, printer: asyncio.Task[None], terminated: asyncio.Future[None]
+    ) -> str | None:
+        """The next line of input; None once the printer ended (the
+        connection or stdout did). Raises Quit at the end of input (unless
+        the client :attr:`keeps_running`) and on SIGTERM."""
         while True:
-            get = asyncio.create_task(lines.get())
-            done, _ = await asyncio.wait({get, printer}, return_when=asyncio.FIRST_COMPLETED)
-            if get not in done:  # the connection (or stdout) ended
-                await _cancel(get)
-                return await self._printer_ended(printer)
-            line = get.result()
-            try:
-                if line is None:
+            get = None if lines.ended else asyncio.create_task(lines.get())
+            waiting: set[asyncio.Future[Any]] = {printer, terminated}
+            if get is not None:
+                waiting.add(get)
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if get is not None and get in done:
+                line = get.result()
+                if line is not None:
+                    return line
+                if not self.keeps_running:
                     raise Quit("quit")
-                await self.handle_line(line)
-            except Quit as leave:
-                return await self._leave(str(leave), printer)
-            except ConnectionClosed:
-                return self._lost()
-            except OutputClosed:
-                self.output_closed = True
-                return await self._printer_ended(printer)
+                continue  # input ended; wait for the connection or a signal
+            if get is not None:
+                await _cancel(get)
+            if terminated in done:
+                raise Quit("terminated")
+            return None
+
+    @contextlib.contextmanager
+    def _sigterm_quits(self) -> Iterator[asyncio.Future[None]]:
+        """For a client that :attr:`keeps_running`: SIGTERM resolves the
+        future (the client quits as for ``quit``); a second one hurries the
+        quit. Other clients keep the default (SIGTERM ends the process)."""
+        loop = asyncio.get_running_loop()
+        terminated: asyncio.Future[None] = loop.create_future()
+
+        def on_sigterm() -> None:
+            if terminated.done():
+                self._hurry.set()
+            else:
+                terminated.set_result(None)
+
+        installed = False
+        if self.keeps_running:
+            # Not in the main thread, or not on Unix: leave the default.
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+                installed = True
+        try:
+            yield terminated
+        finally:
+            if installed:
+                loop.remove_signal_handler(signal.SIGTERM)
+            if not terminated.done():
+                terminated.cancel()
 
     async def run_interactive(self) -> int:
         from prompt_toolkit import PromptSession
@@ -299,12 +382,52 @@ class Terminal:
         return f"[{clean(self.client.room or '-')}] > "
 
     async def _leave(self, reason: str, printer: asyncio.Task[None]) -> int:
-        """Say goodbye; everything the server sent before is printed first."""
+        """Say goodbye once unfinished work is over (or given up on);
+        everything the server sent before is printed first."""
         self.quit_requested = True
+        await self.finish_work()
         await self.client.quit(reason)
         with contextlib.suppress(TimeoutError):  # wait_for cancels it then
             await asyncio.wait_for(printer, 5)
         return 0
+
+    async def finish_work(self) -> None:
+        """Give the work that quitting would cut short (file transfers) up
+        to :attr:`quit_wait` seconds to finish; say what is left over."""
+        pending = self._unfinished()
+        if not pending:
+            return
+        what = ", ".join(description for description, _ in pending)
+        work: asyncio.Future[Any] = asyncio.gather(*(done for _, done in pending))
+        hurry: asyncio.Future[Any] = asyncio.ensure_future(self._hurry.wait())
+        try:
+            if self.client.closed:
+                return  # nothing more can arrive; the plugins see the end themselves
+            self.err(
+                f"waiting for {what} to finish (at most {self.quit_wait:g} s; "
+                "Ctrl-C or a second SIGTERM leaves now)"
+            )
+            await asyncio.wait(
+                {work, hurry}, timeout=self.quit_wait, return_when=asyncio.FIRST_COMPLETED
+            )
+            if not work.done():
+                self.err(f"leaving with {what} unfinished")
+        finally:
+            await _cancel(hurry)
+            await _cancel(work)
+
+    def _unfinished(self) -> list[tuple[str, Awaitable[Any]]]:
+        """What the client plugins say is in progress (UNFINISHED_OPTION)."""
+        found = []
+        for check in list(self.client.options.get(UNFINISHED_OPTION) or ()):
+            try:
+                item = check()
+            except Exception:  # a plugin bug must not keep the user from leaving
+                log.exception("a plugin failed to say what it has in progress")
+                continue
+            if item is not None:
+                found.append((clean(str(item[0])), item[1]))
+        return found
 
     async def _printer_ended(self, printer: asyncio.Task[None]) -> int:
         if not self.output_closed:
@@ -332,7 +455,7 @@ def _local_commands(client: Client) -> dict[str, ClientCommand]:
     return found
 
 
-async def _cancel(task: asyncio.Task[Any]) -> None:
+async def _cancel(task: asyncio.Future[Any]) -> None:
     """Cancel ``task`` and let it finish (a prompt restores the terminal)."""
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -349,11 +472,15 @@ class _StdinLines:
         self._queue: asyncio.Queue[str | None] = asyncio.Queue()
         self._room = threading.Semaphore(STDIN_BACKLOG)
         self._loop = asyncio.get_running_loop()
+        #: the end of input was handed out: nothing more will come
+        self.ended = False
         threading.Thread(target=self._pump, name="stdin", daemon=True).start()
 
     async def get(self) -> str | None:
         item = await self._queue.get()
         self._room.release()
+        if item is None:
+            self.ended = True
         return item
 
     def _put(self, item: str | None) -> None:

@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
+from libchat.connection import address_key
 from libchat.errors import AuthenticationFailed, ChatError, RateLimited
 from libchat.protocol import check_nick, fold
 
@@ -95,8 +96,11 @@ def _typed(name: str, value: Any, kind: type) -> Any:
 
 
 def address_of(peer: str) -> str:
-    """The address part of ``host:port`` / ``[v6]:port``."""
-    return peer.rsplit(":", 1)[0].strip("[]") if ":" in peer else peer
+    """What login throttling counts per: the address part of ``host:port`` /
+    ``[v6]:port``, keyed as the server's connection limits key it (an IPv6
+    /64 is one address, an IPv4-mapped address is its IPv4 one)."""
+    host = peer.rsplit(":", 1)[0].strip("[]") if ":" in peer else peer
+    return address_key(host)
 
 
 class Authenticator:

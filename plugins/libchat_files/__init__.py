@@ -12,9 +12,11 @@ Library use::
     async with libchat.connect(host, port, user="alice", plugins=["files"]) as chat:
         await files_of(chat).send("bob", "report.pdf")
 
-    # a receiver that accepts every offer into a folder
+    # a receiver that accepts every offer into a folder, from alice only
+    # (the limits: libchat_files.limits)
     bob = await libchat.open_client(host, port, user="bob", plugins=["files"],
-                                    options={"accept_files": "downloads"})
+                                    options={"accept_files": "downloads",
+                                             "accept_files_from": "alice"})
     incoming = await files_of(bob).results.get()   # .state == "saved", .path
 """
 
@@ -37,7 +39,7 @@ from .errors import (
     TransferError,
 )
 from .names import safe_filename
-from .relay import DEFAULT_MAX_FILE_SIZE, Relay
+from .relay import DEFAULT_MAX_FILE_SIZE, DEFAULT_STALL_TIMEOUT, Relay, check_hub
 from .transfers import FileTransfers, Incoming, Outgoing, files_of
 
 if TYPE_CHECKING:
@@ -49,6 +51,7 @@ PLUGIN_NAME = "files"
 
 __all__ = [
     "DEFAULT_MAX_FILE_SIZE",
+    "DEFAULT_STALL_TIMEOUT",
     "PLUGIN_NAME",
     "Declined",
     "FileTooLarge",
@@ -80,8 +83,10 @@ def relay_of(server: Server) -> Relay:
 
 @hookimpl
 def libchat_startup(server: Server) -> None:
-    # Read the configuration now: a bad max_file_size stops the server
-    # before it listens, not at the first offer.
+    # Refuse what cannot work, and read the configuration, now: a bad
+    # max_file_size or a distributed hub stops the server before it
+    # listens, not at the first offer.
+    check_hub(server)
     relay_of(server)
 
 

@@ -27,13 +27,13 @@ from typing import Any
 
 import click
 
-import libchat
-from libchat import ChatError
-from libchat.plugins import installed_plugins
+from libchat import ChatError, RemoteError
+from libchat_cli import address_options, client_plugins, user_option
 from libchat_cli.options import Security, logged_in, login, security_options
+from libchat_cli.render import clean
 
 from .errors import Declined, FileTooLarge, HashMismatch, Interrupted, NoAnswer, NotOnline
-from .progress import bar_for, human_size
+from .progress import Progress, bar_for, human_size
 from .transfers import Outgoing, files_of
 
 EXIT_CODES: dict[type[ChatError], int] = {
@@ -47,10 +47,24 @@ EXIT_CODES: dict[type[ChatError], int] = {
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmg]?)(?:i?b)?", re.I)
 
 
-def fail(exc: ChatError) -> None:
-    """Report a failed transfer on stderr and exit with its status."""
-    click.echo(f"Error: {exc.message}", err=True)
+def fail(exc: ChatError, user: str, to: str, path: Path) -> None:
+    """Report a failed transfer on stderr and exit with its status. The
+    message may quote the recipient or the server: it is cleaned."""
+    click.echo(f"Error: {clean(exc.message)}", err=True)
+    if isinstance(exc, RemoteError) and exc.remote_code == "name_in_use":
+        click.echo(f"hint: {clean(_name_in_use_hint(user, to, path))}", err=True)
     sys.exit(next((code for kind, code in EXIT_CODES.items() if isinstance(exc, kind)), 1))
+
+
+def _name_in_use_hint(user: str, to: str, path: Path) -> str:
+    """What to do when our name is taken: on a server without accounts, a
+    name is one connection, so the user's own `chat join` holds it."""
+    where = f'"{path}"' if " " in str(path) else str(path)
+    return (
+        f"{user} is connected elsewhere: use /send {to} {where} in your chat session, "
+        "or run the server with accounts (--plugins auth) so one user can have "
+        "several connections"
+    )
 
 
 class ByteRate(click.ParamType[int]):
@@ -72,17 +86,10 @@ class ByteRate(click.ParamType[int]):
 
 
 @click.command("send-file")
-@click.option("--user", "-u", envvar="CHAT_USER", required=True, help="Your user name.")
+@user_option
 @click.option("--to", "to", required=True, help="Who gets the file.")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False, readable=True, path_type=Path))
-@click.option(
-    "--host", "-h", default=libchat.DEFAULT_HOST, show_default=True, envvar="CHAT_HOST",
-    help="Server address.",
-)  # fmt: skip
-@click.option(
-    "--port", "-p", type=click.IntRange(0, 65535), default=libchat.DEFAULT_PORT,
-    show_default=True, envvar="CHAT_PORT", help="Server port.",
-)  # fmt: skip
+@address_options
 @click.option(
     "--wait", type=click.FloatRange(0), default=300.0, show_default=True,
     help="Seconds to wait for the recipient to accept. 0: forever.",
@@ -115,13 +122,13 @@ def send_file(
     try:
         outgoing = logged_in(host, user, security, attempt)
     except ChatError as exc:
-        fail(exc)
+        fail(exc, user, to, path)
         return
     except KeyboardInterrupt:
         sys.exit(130)
     resumed = f", resumed at {human_size(outgoing.resumed_from)}" if outgoing.resumed_from else ""
     click.echo(
-        f"sent {path.name} to {outgoing.to}: {outgoing.size} bytes, "
+        f"sent {clean(path.name)} to {clean(outgoing.to)}: {outgoing.size} bytes, "
         f"sha256 {outgoing.sha256} verified{resumed}"
     )
 
@@ -140,20 +147,25 @@ async def _send(
     stream = None if quiet else sys.stderr
     # login() is open_client with the CLI's messages; it raises PasswordNeeded
     # (not a ChatError) for logged_in() to ask for a password and try again.
+    # No room: a file sender has nothing to say in one, and joining the
+    # lobby would show everyone its coming and going.
     client = await login(
-        host, port, user=user, plugins=_client_plugins(), receive_events=False, **connect
+        host, port, user=user, room=None, plugins=_plugins(), receive_events=False, **connect
     )
     try:
         files = files_of(client)
 
         def offered(outgoing: Outgoing) -> None:
             if stream is not None and stream.isatty():
-                stream.write(f"waiting for {to} to accept {path.name}...\n")
+                stream.write(f"waiting for {clean(to)} to accept {clean(path.name)}...\n")
+
+        def progress(label: str, total: int, start: int) -> Progress | None:
+            return bar_for(stream, clean(label), total, start)
 
         outgoing = await files.send(
             to,
             path,
-            progress=lambda label, total, start: bar_for(stream, label, total, start),
+            progress=progress,
             answer_timeout=wait,
             rate=rate,
             on_offered=offered,
@@ -165,16 +177,8 @@ async def _send(
     return outgoing
 
 
-def _client_plugins() -> list[Any]:
-    """Every installed plugin that loads (their client hooks apply: a
-    password prompt, for one), and always this one."""
-    loaded: list[Any] = [sys.modules[__name__.rpartition(".")[0]]]
-    for name, entry_point in sorted(installed_plugins().items()):
-        try:
-            plugin = entry_point.load()
-        except Exception as exc:
-            click.echo(f"warning: plugin {name!r} failed to load: {exc}", err=True)
-            continue
-        if plugin not in loaded:
-            loaded.append(plugin)
-    return loaded
+def _plugins() -> list[Any]:
+    """The CLI's client plugins (every installed one that loads: their
+    client hooks apply, a password prompt for one), and always this one."""
+    this = sys.modules[__name__.rpartition(".")[0]]
+    return [this, *(plugin for plugin in client_plugins() if plugin is not this)]

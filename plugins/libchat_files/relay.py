@@ -8,12 +8,17 @@ rate-limited like chat (``file.chunk`` is not a core frame type and the
 relay never calls ``session.throttle()`` for it), and because each chunk
 is one frame, chat frames on either connection interleave with them.
 
-Offers reach the recipient through the Hub (``online``, ``send_to_user``).
+That wait is bounded: a recipient that takes nothing for
+``file_stall_timeout`` seconds (it accepted, then stopped reading) gets the
+transfer aborted on both sides, and the sender's session goes on. Without
+the bound, the sender's session would wait forever, read none of its
+frames (keepalive would take it for dead) and hold the recipient's lock
+against every other sender.
+
 Once a recipient connection has answered, the transfer is bound to that
-session and the relay finds it with ``server.find_sessions``: this
-process's sessions only. A distributed hub needs a per-connection routing
-call (deliver to one session of a user, with backpressure) to carry chunks
-between servers.
+session: chunks go to that connection, in this process. The plugin
+therefore refuses to start on a distributed hub (``chat serve --hub``); see
+:func:`check_hub`.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from typing import Any, Final
 
 from libchat import Server, Session
 from libchat.errors import BadRequest, ConnectionClosed, NotFound, RateLimited
+from libchat.hub import LocalHub
+from libchat.plugins import InvalidPlugin
 from libchat.protocol import Frame, check_nick, encode_frame, fold
 
 from .errors import FileTooLarge
@@ -40,6 +47,9 @@ log = logging.getLogger("libchat.files")
 DEFAULT_MAX_FILE_SIZE: Final = 2 << 30
 #: Transfers one session may take part in at once.
 DEFAULT_MAX_TRANSFERS: Final = 16
+#: Seconds a recipient may take nothing before its transfer is aborted
+#: (``config["file_stall_timeout"]``; 0 turns the bound off).
+DEFAULT_STALL_TIMEOUT: Final = 30.0
 #: The chunk size clients are told to use (a frame body, far under the
 #: default 1 MiB frame limit).
 CHUNK_SIZE: Final = 256 << 10
@@ -97,8 +107,44 @@ def _config_int(server: Server, key: str, default: int) -> int:
     if value is None:
         return default
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"config {key!r} must be a whole number >= 0, not {value!r}")
+        raise InvalidPlugin(f"files: config {key!r} must be a whole number >= 0, not {value!r}")
     return value
+
+
+def _config_seconds(server: Server, key: str, default: float) -> float:
+    value = server.config.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, int | float) or isinstance(value, bool) or not value >= 0:
+        raise InvalidPlugin(
+            f"files: config {key!r} must be a number of seconds >= 0, not {value!r}"
+        )
+    return float(value)
+
+
+def check_hub(server: Server) -> None:
+    """Refuse to run on a distributed hub: chunks go to the accepting
+    connection in this process and transfer ids are per process, so an
+    offer to a user on another server could be accepted but never served."""
+    if not isinstance(server.hub, LocalHub):
+        raise InvalidPlugin(
+            "the files plugin does not work across several servers yet (--hub); "
+            "run it on a single server"
+        )
+
+
+def stall_timeout(server: Server) -> float:
+    """How long a chunk may wait for its recipient: the configured
+    ``file_stall_timeout``, but never so long that keepalive would drop the
+    sender first (its frames are not read meanwhile, so it looks silent;
+    keepalive drops it ``ping_interval + ping_timeout`` after its last frame
+    was read). 0: no bound."""
+    configured = _config_seconds(server, "file_stall_timeout", DEFAULT_STALL_TIMEOUT)
+    interval, timeout = server.limits.ping_interval, server.limits.ping_timeout
+    if interval > 0 and timeout > 0:
+        keepalive = interval + timeout / 2
+        return min(configured, keepalive) if configured else keepalive
+    return configured
 
 
 def _reason(header: dict[str, Any], default: str) -> str:
@@ -129,6 +175,7 @@ class Relay:
         self.server = server
         self.max_file_size = _config_int(server, "max_file_size", DEFAULT_MAX_FILE_SIZE)
         self.max_transfers = _config_int(server, "max_file_transfers", DEFAULT_MAX_TRANSFERS)
+        self.stall_timeout = stall_timeout(server)
         self.transfers: dict[str, Transfer] = {}
         self._ids = itertools.count(1)
         self._background: set[asyncio.Future[Any]] = set()
@@ -138,6 +185,7 @@ class Relay:
             "max_file_size": self.max_file_size,
             "max_file_transfers": self.max_transfers,
             "file_chunk_size": CHUNK_SIZE,
+            "file_stall_timeout": self.stall_timeout,
         }
 
     def handlers(self) -> dict[str, Any]:
@@ -263,6 +311,18 @@ class Relay:
             return
         receiver = transfer.receiver
         assert receiver is not None
+        # One deadline for the lock and the drain: this sender's frames are
+        # not read until we return, whoever the recipient is waiting on.
+        try:
+            async with asyncio.timeout(self.stall_timeout or None):
+                await self._relay(transfer, receiver, offset, data)
+        except TimeoutError:
+            self.abort(
+                transfer,
+                f"{receiver.name} stopped receiving: nothing taken for {self.stall_timeout:g} s",
+            )
+
+    async def _relay(self, transfer: Transfer, receiver: Session, offset: int, data: bytes) -> None:
         header = {"type": "file.chunk", "tid": transfer.tid, "offset": offset}
         async with _files(receiver).lock:
             if transfer.tid not in self.transfers:  # aborted while we waited

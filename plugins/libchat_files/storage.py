@@ -9,6 +9,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
+import stat
+import time
+from collections.abc import Collection
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -28,6 +33,11 @@ except ImportError:  # pragma: no cover - Windows
 
     def _lock(fd: int) -> None:
         pass
+
+
+#: What :func:`~libchat_files.names.part_name` makes: nothing else in a
+#: folder is ever tidied away.
+_PART_NAME = re.compile(r"\..+\.[0-9a-f]{16}\.part", re.S)
 
 
 class PartInUse(Exception):
@@ -139,3 +149,89 @@ def _claim(directory: Path, name: str) -> Path:
             continue
         return candidate
     raise FileExistsError(f"no free name for {name!r} in {directory}")
+
+
+# -- tidying left-over .part files ----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Room:
+    """Room for ``.part`` files in one folder (see :func:`tidy_parts`)."""
+
+    quota: int
+    max_files: int
+    max_age: float
+
+
+def tidy_parts(
+    directory: Path, room: Room, *, in_use: Collection[Path] = (), reserved: int = 0
+) -> bool:
+    """Delete left-over ``.part`` files of ``directory`` (ones not in
+    ``in_use`` and not locked by a transfer): those older than
+    ``room.max_age``, then the oldest until the folder's ``.part`` files fit
+    ``room``. ``in_use`` (this process's transfers) count as ``reserved``
+    bytes in all, whatever their length now; files another process is
+    writing count at their length and are never deleted. Return whether
+    everything now fits."""
+    now = time.time()
+    keep = {path.name for path in in_use}
+    leftovers: list[tuple[float, int, Path]] = []
+    for path, size, mtime in _parts(directory):
+        if path.name in keep:
+            continue
+        if now - mtime > room.max_age and _remove_unlocked(path):
+            continue
+        leftovers.append((mtime, size, path))
+    leftovers.sort(reverse=True)  # newest first: the oldest go first
+    used = reserved + sum(size for _, size, _ in leftovers)
+    count = len(keep) + len(leftovers)
+    for _mtime, size, path in reversed(leftovers):
+        if used <= room.quota and count <= room.max_files:
+            break
+        if _remove_unlocked(path):
+            used -= size
+            count -= 1
+    return used <= room.quota and count <= room.max_files
+
+
+def _parts(directory: Path) -> list[tuple[Path, int, float]]:
+    """The ``.part`` files of ``directory`` (regular files, not links), with
+    their length and modification time."""
+    found = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return []
+    for entry in entries:
+        if not _PART_NAME.fullmatch(entry.name):
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if stat.S_ISREG(info.st_mode):
+            found.append((Path(entry.path), info.st_size, info.st_mtime))
+    return found
+
+
+def _remove_unlocked(path: Path) -> bool:
+    """Delete ``path`` unless a transfer holds its lock; whether it went."""
+    try:
+        fd = os.open(path, os.O_RDWR | _NOFOLLOW | _BINARY)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    try:
+        _lock(fd)
+    except BlockingIOError:
+        return False
+    else:
+        # Unlinked while we hold the lock: a transfer that opened it just
+        # before finds it locked and gives up (PartInUse) rather than write
+        # to a file that is gone.
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        return True
+    finally:
+        os.close(fd)

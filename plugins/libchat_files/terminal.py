@@ -9,23 +9,22 @@ report through the terminal when they end.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 from libchat import ChatError, ClientCommand
 from libchat.events import Event
+from libchat_cli.render import clean
 
 from .errors import TransferError
 from .progress import human_size
 from .transfers import FileTransfers, Outgoing, files_of
 
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069]")
-
 
 def shown(text: object, limit: int = 80) -> str:
-    """Untrusted text made safe and short enough to print on one line."""
-    value = _CONTROL.sub(lambda m: f"\\u{ord(m.group()):04x}", str(text))
+    """Untrusted text made safe (the terminal client's one sanitizer,
+    :func:`libchat_cli.render.clean`) and short enough for one line."""
+    value = clean(str(text))
     return value if len(value) <= limit else value[: limit - 3] + "..."
 
 
@@ -46,6 +45,8 @@ def format_event(event: Event) -> str | None:
         )
         if local.get("accepting"):
             return f"[file] {what}; accepting into {shown(local['accepting'], 200)}"
+        if local.get("declined"):
+            return f"[file] {what}; declined: {shown(local['declined'], 200)}"
         return f"[file] {what}: /accept {tid} [DIR] or /decline {tid}"
     if event.type in ("file.done", "file.abort") and local:
         return _outcome(local, tid)
@@ -108,18 +109,19 @@ async def send(terminal: Any, args: str) -> None:
 async def _send(terminal: Any, files: FileTransfers, to: str, path: Path) -> None:
     def offered(outgoing: Outgoing) -> None:
         terminal.out(
-            f"[file] offered {shown(path.name)} ({human_size(outgoing.size)}) to {to}, "
-            f"id {outgoing.tid}; waiting for an answer"
+            f"[file] offered {shown(path.name)} ({human_size(outgoing.size)}) to {shown(to, 32)}, "
+            f"id {shown(outgoing.tid, 20)}; waiting for an answer"
         )
 
     try:
         outgoing = await files.send(to, path, progress=files.terminal_progress, on_offered=offered)
     except ChatError as exc:
-        terminal.err(f"[file] sending {shown(path.name)} to {to} failed: {shown(exc.message, 200)}")
+        what = f"sending {shown(path.name)} to {shown(to, 32)}"
+        terminal.err(f"[file] {what} failed: {shown(exc.message, 200)}")
         return
     resumed = f" (resumed at {human_size(outgoing.resumed_from)})" if outgoing.resumed_from else ""
     terminal.out(
-        f"[file] sent {shown(path.name)} to {to}: {human_size(outgoing.size)}, "
+        f"[file] sent {shown(path.name)} to {shown(to, 32)}: {human_size(outgoing.size)}, "
         f"SHA-256 verified{resumed}"
     )
 
@@ -138,11 +140,11 @@ async def _accept(terminal: Any, files: FileTransfers, tid: str, folder: str | N
     try:
         incoming = await files.accept(tid, folder)
     except ChatError as exc:
-        terminal.err(f"[file] cannot accept {tid}: {shown(exc.message, 200)}")
+        terminal.err(f"[file] cannot accept {shown(tid, 20)}: {shown(exc.message, 200)}")
         return
     resumed = f", resuming at {human_size(incoming.resumed_from)}" if incoming.resumed_from else ""
     terminal.out(
-        f"[file] receiving {shown(incoming.name)} from {incoming.sender} "
+        f"[file] receiving {shown(incoming.name)} from {shown(incoming.sender, 32)} "
         f"into {shown(incoming.directory, 200)}{resumed}"
     )
 
@@ -155,7 +157,7 @@ async def decline(terminal: Any, args: str) -> None:
         await _files(terminal).decline(tid, reason.strip() or "declined")
     except TransferError as exc:
         raise ValueError(exc.message) from None
-    terminal.out(f"[file] declined {tid}")
+    terminal.out(f"[file] declined {shown(tid, 20)}")
 
 
 async def cancel(terminal: Any, args: str) -> None:
@@ -173,8 +175,10 @@ def transfers(terminal: Any, args: str) -> None:
     lines = []
     for t in files.incoming.values():
         done = f"{human_size(t.received)}/{human_size(t.size)}"
-        lines.append(f"  {t.tid:>4} <- {t.sender:<12} {shown(t.name, 40):<40} {done} {t.state}")
+        who, tid = shown(t.sender, 32), shown(t.tid, 20)
+        lines.append(f"  {tid:>4} <- {who:<12} {shown(t.name, 40):<40} {done} {t.state}")
     for o in files.outgoing.values():
         done = f"{human_size(o.sent)}/{human_size(o.size)}"
-        lines.append(f"  {o.tid:>4} -> {o.to:<12} {shown(o.path.name, 40):<40} {done} sending")
+        who, tid = shown(o.to, 32), shown(o.tid, 20)
+        lines.append(f"  {tid:>4} -> {who:<12} {shown(o.path.name, 40):<40} {done} {o.state}")
     terminal.out("\n".join(["file transfers:", *lines]) if lines else "no file transfers")

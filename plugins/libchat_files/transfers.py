@@ -11,6 +11,11 @@ Receiving: an offer is accepted into a folder, into the hidden file
 interrupted attempt, the accept carries its length and the sender resumes
 from there. Only when the SHA-256 of the whole file matches the offer is it
 renamed to NAME (or ``NAME (1)``..., never over an existing file).
+
+A client that accepts offers by itself (``accept_files``) does so within
+its :class:`~libchat_files.limits.ReceiveLimits`: senders, size, and room
+for ``.part`` files. Whenever a transfer fails, left-over ``.part`` files
+past that room (or too old) are deleted, oldest first.
 """
 
 from __future__ import annotations
@@ -41,9 +46,10 @@ from .errors import (
     NotOnline,
     TransferError,
 )
+from .limits import ReceiveLimits
 from .names import safe_filename
 from .progress import LineProgress, Progress
-from .storage import PartFile, PartInUse, hash_file, open_source
+from .storage import PartFile, PartInUse, Room, hash_file, open_source, tidy_parts
 
 log = logging.getLogger("libchat.files")
 
@@ -54,6 +60,11 @@ _HEADER_ROOM: Final = 1024
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _EARLY_MEMORY: Final = 64
 _RESULTS_MEMORY: Final = 256
+#: The ``client.options`` key where a client plugin lists work that quitting
+#: would cut short (the terminal client waits for it, a while, before it
+#: quits): callables returning None (nothing in progress) or a description
+#: and an awaitable that completes once that work is over.
+UNFINISHED_OPTION: Final = "unfinished"
 
 ProgressFactory = Callable[[str, int, int], Progress | None]
 """``factory(label, total, start)``: a progress display, or None for quiet."""
@@ -97,6 +108,10 @@ class Outgoing:
     #: the byte the recipient asked us to start from (more than 0: a resume)
     resumed_from: int = 0
     sent: int = 0
+    #: offered (waiting for an answer), then sending (until the verdict)
+    state: str = "offered"
+    #: set once :meth:`FileTransfers.send` is over, whatever the outcome
+    done: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     #: file.accept/decline/result/abort and errors for this transfer; None
     #: when the connection is gone
     inbox: asyncio.Queue[Event | None] = field(default_factory=asyncio.Queue, repr=False)
@@ -127,9 +142,12 @@ class FileTransfers:
         self.progress: ProgressFactory | None = None
         #: the terminal client using us, if any (``.out``, ``.err``)
         self.terminal: Any = client.options.get("terminal")
+        #: set as the client quits: offers are no longer accepted by themselves
+        self.quitting = False
         self._early: dict[str, list[Event]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._watcher: asyncio.Task[None] | None = None
+        client.options.setdefault(UNFINISHED_OPTION, []).append(self.unfinished)
 
     @property
     def accept_dir(self) -> Path | None:
@@ -137,9 +155,27 @@ class FileTransfers:
         folder = self.client.options.get("accept_files")
         return Path(folder).expanduser() if folder else None
 
+    def receive_limits(self) -> ReceiveLimits:
+        """What this client accepts by itself (from ``client.options``;
+        ValueError for a bad option)."""
+        return ReceiveLimits.from_options(self.client.options)
+
     def offers(self) -> list[Incoming]:
         """Offers not answered yet."""
         return [t for t in self.incoming.values() if t.state == "offered"]
+
+    def unfinished(self) -> tuple[str, Awaitable[None]] | None:
+        """The client is about to quit: accept no more offers by ourselves,
+        and say what is in progress (None: nothing), with an awaitable that
+        completes once it is over (listed under :data:`UNFINISHED_OPTION`)."""
+        self.quitting = True
+        receiving = [t for t in self.incoming.values() if t.state in ("accepting", "receiving")]
+        sending = [o for o in self.outgoing.values() if o.state == "sending"]
+        count = len(receiving) + len(sending)
+        if not count:
+            return None
+        events = [t.ended for t in receiving] + [o.done for o in sending]
+        return f"{count} file transfer{'s' if count > 1 else ''}", _all_set(events)
 
     # -- frames from the server (the hook) ----------------------------------------------
 
@@ -188,19 +224,30 @@ class FileTransfers:
             log.warning("ignoring an invalid file offer: %r", event.header)
             return True
         self.incoming[incoming.tid] = incoming
+        local: dict[str, Any] = {"name": incoming.name}
+        event.header["local"] = local
         folder = self.accept_dir
-        if folder is not None:
-            event.header["local"] = {"name": incoming.name, "accepting": str(folder)}
-            self._spawn(self._auto_accept(incoming.tid, folder))
+        if folder is None or self.quitting:
+            return None  # the application shows the offer
+        try:
+            refusal = self.receive_limits().refusal(incoming.sender, incoming.size)
+        except ValueError as exc:
+            log.error("not accepting files by ourselves: %s", exc)
+            return None
+        if refusal is not None:
+            local["declined"] = refusal
+            self._spawn(self.decline(incoming.tid, refusal))
         else:
-            event.header["local"] = {"name": incoming.name}
-        return None  # the application shows the offer
+            local["accepting"] = str(folder)
+            self._spawn(self._auto_accept(incoming.tid, folder))
+        return None
 
     async def _auto_accept(self, tid: str, folder: Path) -> None:
         try:
-            await self.accept(tid, folder)
+            await self.accept(tid, folder, automatic=True)
         except TransferError as exc:
-            log.warning("could not accept file transfer %s: %s", tid, exc.message)
+            # %r: the text may hold what the sender or server wrote
+            log.warning("could not accept file transfer %s: %r", tid, exc.message)
 
     async def _on_chunk(self, incoming: Incoming, event: Event) -> bool:
         data = event.body
@@ -261,10 +308,16 @@ class FileTransfers:
 
     # -- receiving: the application's side ----------------------------------------------
 
-    async def accept(self, tid: str, folder: str | Path | None = None) -> Incoming:
+    async def accept(
+        self, tid: str, folder: str | Path | None = None, *, automatic: bool = False
+    ) -> Incoming:
         """Accept offer ``tid`` into ``folder`` (default: ``accept_files``,
         else the current directory). Returns once the sender was told;
-        ``await`` :meth:`wait` for the file. Raises TransferError."""
+        ``await`` :meth:`wait` for the file. Raises TransferError.
+
+        Left-over ``.part`` files in the folder past the receive limits are
+        deleted first, oldest first; an ``automatic`` accept (not a person's
+        decision) that still does not fit is declined."""
         incoming = self._offer(tid)
         directory = _directory(folder, self.accept_dir)
         incoming.state = "accepting"
@@ -277,10 +330,23 @@ class FileTransfers:
             incoming.state = "offered"
             await self.decline(tid, f"cannot write there: {why}")
             raise TransferError(f"cannot receive into {directory}: {why}") from None
-        if incoming.state != "accepting":  # withdrawn meanwhile
-            await asyncio.to_thread(part.close)
-            raise Interrupted(incoming.error or "the offer was withdrawn")
+        # Its room is reserved from now on: accepts into the same folder
+        # meanwhile count it.
         incoming.part, incoming.directory = part, directory
+        fits = await self._make_room(directory)
+        if incoming.state != "accepting":  # withdrawn meanwhile (the .part is closed)
+            raise Interrupted(incoming.error or "the offer was withdrawn")
+        if automatic and not fits:
+            incoming.part = None
+            await asyncio.to_thread(part.close)
+            room = self._room()
+            reason = (
+                f"no room: this receiver keeps at most {room.quota} bytes "
+                f"in {room.max_files} partial files"
+            )
+            incoming.state = "offered"
+            await self.decline(tid, reason)
+            raise TransferError(f"declined file transfer {tid}: {reason}")
         incoming.received = incoming.resumed_from = part.offset
         incoming.state = "receiving"
         incoming.progress = self._progress_for(incoming)
@@ -338,9 +404,37 @@ class FileTransfers:
         self._queue({"type": "file.abort", "tid": incoming.tid, "reason": reason})
 
     async def _close_part(self, incoming: Incoming) -> None:
+        """Close the .part of a transfer that failed: it stays for a resume
+        if it holds bytes and fits the receive limits with the newest
+        leftovers (older ones go first)."""
         part, incoming.part = incoming.part, None
-        if part is not None:
-            await asyncio.to_thread(part.close)
+        if part is None:
+            return
+        await asyncio.to_thread(part.close)
+        if part.offset:
+            await self._make_room(part.directory)
+
+    def _room(self) -> Room:
+        try:
+            limits = self.receive_limits()
+        except ValueError:
+            limits = ReceiveLimits()
+        return Room(limits.part_quota, limits.max_part_files, limits.part_max_age)
+
+    async def _make_room(self, directory: Path) -> bool:
+        """Tidy ``directory``'s left-over .part files (see
+        :func:`~libchat_files.storage.tidy_parts`), with room reserved for
+        our transfers into it at their full size; whether they all fit."""
+        writing = [(t.part, t.size) for t in self.incoming.values() if t.part is not None]
+        in_use = [part.path for part, _ in writing if part.directory == directory]
+        reserved = sum(size for part, size in writing if part.directory == directory)
+        try:
+            return await asyncio.to_thread(
+                tidy_parts, directory, self._room(), in_use=in_use, reserved=reserved
+            )
+        except OSError as exc:
+            log.warning("could not tidy the .part files of %s: %s", directory, exc)
+            return False
 
     def _end(self, incoming: Incoming, state: str, error: str | None = None) -> None:
         if incoming.ended.is_set():
@@ -397,6 +491,7 @@ class FileTransfers:
             if on_offered is not None:
                 on_offered(outgoing)
             outgoing.resumed_from = await self._answer(outgoing, answer_timeout)
+            outgoing.state = "sending"
             label = f"{path.name} -> {outgoing.to}"
             shown = progress(label, size, outgoing.resumed_from) if progress else None
             try:
@@ -414,6 +509,7 @@ class FileTransfers:
             raise
         finally:
             self.outgoing.pop(outgoing.tid, None)
+            outgoing.done.set()
 
     def _check_server(self) -> None:
         if "files" not in self.client.welcome.get("plugins", []):
@@ -632,6 +728,11 @@ def _interruption(event: Event | None, client: Client) -> TransferError:
     if event.type == "file.abort":
         return Interrupted(str(header.get("reason") or "aborted"))
     return Interrupted(f"unexpected {event.type!r} from the server")
+
+
+async def _all_set(events: list[asyncio.Event]) -> None:
+    for event in events:
+        await event.wait()
 
 
 async def _pace(began: float, sent: int, rate: float) -> None:

@@ -17,7 +17,15 @@ from typing import Any
 import pytest
 
 import libchat
-from conftest import WAIT, PipeClient, ServerProcess, chat_command, connect, run_chat
+from conftest import (
+    WAIT,
+    PipeClient,
+    ServerProcess,
+    chat_command,
+    connect,
+    run_chat,
+    running_server,
+)
 from libchat import ClientCommand, Message, Notice, Presence, hookimpl
 from libchat.events import ErrorEvent, Event
 from libchat_cli.render import as_json, clean, format_event
@@ -387,3 +395,25 @@ async def test_json_mode_help_is_one_object(server: libchat.Server) -> None:
     assert {"usage": "/who [ROOM]", "help": "list the members of ROOM"} in help_reply["commands"]
     assert rooms == {"type": "rooms", "rooms": [{"room": "lobby", "members": 1}]}
     await client.quit()
+
+
+async def test_who_and_rooms_say_how_many_the_server_left_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import libchat.protocol
+
+    monkeypatch.setattr(libchat.protocol, "MAX_LIST_ITEMS", 2)
+    async with running_server() as server:
+        clients = [await connect(server, name) for name in ("ann", "bea", "cid")]
+        for i, client in enumerate(clients):
+            await client.join(f"room{i}")
+        out: list[str] = []
+        terminal = Terminal(clients[0], out=out.append, err=out.append)
+        await terminal.command("who lobby")
+        await terminal.command("rooms")
+        assert out == [
+            "[lobby] members: ann, bea, and 1 more",
+            "rooms: lobby (3), room0 (1), and 2 more",
+        ]
+        for client in clients:
+            await client.quit()

@@ -187,14 +187,19 @@ class Terminal:
         elif name == "part":
             await client.part(args or None)
         elif name == "who":
-            room = args or client.room or ""
-            self.show_members(room, await client.who(room or None))
+            room = args or client.room
+            if not room:
+                raise ValueError("you are in no room: /who ROOM")
+            reply = await client.request({"type": "who", "room": room})
+            members = [str(m) for m in reply.get("members", [])]
+            self.show_members(str(reply.get("room", room)), members, _more(reply, len(members)))
         elif name == "rooms":
-            rooms = await client.list_rooms()
+            reply = await client.request({"type": "rooms"})
+            rooms = [(str(r["room"]), int(r["members"])) for r in reply.get("rooms", [])]
             listing = ", ".join(f"{clean(r)} ({n})" for r, n in rooms) or "none"
             self.info(
                 {"type": "rooms", "rooms": [{"room": r, "members": n} for r, n in rooms]},
-                f"rooms: {listing}",
+                f"rooms: {listing}{_more(reply, len(rooms))}",
             )
         elif name == "me":
             if not args:
@@ -203,10 +208,10 @@ class Terminal:
         elif name == "help":
             self.show_help()
 
-    def show_members(self, room: str, members: list[str]) -> None:
+    def show_members(self, room: str, members: list[str], more: str = "") -> None:
         self.info(
             {"type": "members", "room": room, "members": members},
-            f"[{clean(room)}] members: {clean(', '.join(members))}",
+            f"[{clean(room)}] members: {clean(', '.join(members))}{more}",
         )
 
     async def local_command(self, command: ClientCommand, args: str) -> None:
@@ -441,6 +446,14 @@ class Terminal:
         if not self.bye_shown:
             self.err(f"disconnected: {clean(self.client.close_reason or 'connection closed')}")
         return 1
+
+
+def _more(reply: dict[str, Any], shown: int) -> str:
+    """ ", and 1,234 more" when the server cut a long list short."""
+    total = reply.get("total")
+    if reply.get("truncated") and isinstance(total, int) and total > shown:
+        return f", and {total - shown:,} more"
+    return ""
 
 
 def _local_commands(client: Client) -> dict[str, ClientCommand]:

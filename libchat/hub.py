@@ -10,11 +10,12 @@ fire-and-forget send and stays synchronous on the hot path.
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
-from .errors import BadRequest, NameInUse
+from .errors import BadRequest, ConnectionClosed, NameInUse
 from .protocol import fold
 
 log = logging.getLogger("libchat.server")
@@ -29,7 +30,35 @@ class Member(Protocol):
         """Queue encoded frame bytes for this member (never blocks)."""
 
 
+#: What a plugin registers with :meth:`Hub.route`: called with the sending
+#: node's id and the message's bytes, on the event loop; it must not block.
+RouteHandler = Callable[[str, bytes], None]
+
+
+def node_of(address: str) -> str:
+    """The node part of an address made by :meth:`Hub.address`."""
+    return address.partition("/")[0]
+
+
+async def drain_member(member: Member) -> bool:
+    """Wait until ``member``'s connection has sent what is queued for it
+    (``Session.drain``); False if the connection closed. A member with
+    nothing to drain has nothing queued."""
+    drain = getattr(member, "drain", None)
+    if drain is None:
+        return True
+    try:
+        await drain()
+    except (ConnectionClosed, ConnectionError, OSError):
+        return False
+    return True
+
+
 class Hub(Protocol):
+    #: This server's id among the servers sharing the hub (one for all
+    #: connections of this process); part of every :meth:`address`.
+    node: str
+
     async def attach(self, member: Member, *, shared: bool = False) -> None:
         """Claim ``member.name``; raise NameInUse if another holds it. With
         ``shared`` (an authenticated account) one user may hold several
@@ -73,6 +102,29 @@ class Hub(Protocol):
     async def user_data(self, name: str, key: str) -> str | None:
         """What :meth:`set_user_data` kept (``None``: nothing, or offline)."""
 
+    # -- routing to one connection, and between nodes (plugins' bulk data) --------
+
+    def address(self, member: Member) -> str:
+        """A route to this one connection of ``member`` (``"node/serial"``),
+        valid while it stays attached, from any node."""
+
+    async def deliver_to(self, address: str, data: bytes, *, drain: bool = False) -> bool:
+        """Deliver ``data`` to the connection at ``address``, wherever it is.
+        With ``drain``, return only once that connection has sent it on (its
+        node's ``conn.drain()``): one call in flight per stream carries TCP's
+        backpressure from the recipient to the caller. False: no such
+        connection (gone, its node unreachable) or it closed. The caller
+        bounds the wait (an acknowledgement between nodes may be lost)."""
+
+    def route(self, topic: str, handler: RouteHandler) -> None:
+        """Call ``handler(origin_node, data)`` for every :meth:`send_route`
+        to this node on ``topic`` (one handler per topic)."""
+
+    async def send_route(self, node: str, topic: str, data: bytes) -> bool:
+        """Send ``data`` to the ``topic`` handler of ``node`` (an id, or an
+        address, whose node is used). At most once; False if ``node`` is
+        known to be unreachable."""
+
 
 def _deliver(member: Member, data: bytes) -> int:
     """Queue ``data`` for one member; a member that fails is logged and
@@ -105,8 +157,14 @@ class LocalHub:
     it to the server, which sets its own ``max_rooms`` limit.
     """
 
-    def __init__(self, *, max_rooms: int | None = None) -> None:
+    def __init__(self, *, max_rooms: int | None = None, node: str = "local") -> None:
         self.max_rooms = max_rooms
+        self.node = node
+        #: address -> member, and back: routes handed out by :meth:`address`
+        self._addresses: dict[str, Member] = {}
+        self._address_of: dict[Member, str] = {}
+        self._serials = itertools.count(1)
+        self._routes: dict[str, RouteHandler] = {}
         #: folded name -> the connections holding it, and whether shared
         self._users: dict[str, tuple[list[Member], bool]] = {}
         #: folded room name -> the room
@@ -141,6 +199,9 @@ class LocalHub:
             if not entry[0]:
                 del self._users[key]
                 self._data.pop(key, None)
+        address = self._address_of.pop(member, None)
+        if address is not None:
+            del self._addresses[address]
         return left
 
     async def join(self, room: str, member: Member) -> str | None:
@@ -234,3 +295,42 @@ class LocalHub:
 
     def local_members(self) -> Iterable[Member]:
         return [m for members, _ in self._users.values() for m in members]
+
+    # -- routing --------------------------------------------------------------------
+
+    def address(self, member: Member) -> str:
+        address = self._address_of.get(member)
+        if address is None:
+            address = f"{self.node}/{next(self._serials)}"
+            self._address_of[member] = address
+            self._addresses[address] = member
+        return address
+
+    def member_at(self, address: str) -> Member | None:
+        """The attached member at ``address`` on this node, if any."""
+        return self._addresses.get(address)
+
+    async def deliver_to(self, address: str, data: bytes, *, drain: bool = False) -> bool:
+        member = self._addresses.get(address)
+        if member is None or not _deliver(member, data):
+            return False
+        return await drain_member(member) if drain else True
+
+    def route(self, topic: str, handler: RouteHandler) -> None:
+        self._routes[topic] = handler
+
+    async def send_route(self, node: str, topic: str, data: bytes) -> bool:
+        if node_of(node) != self.node:
+            return False  # one process: no other node to reach
+        return self.routed(self.node, topic, data)
+
+    def routed(self, origin: str, topic: str, data: bytes) -> bool:
+        """Hand a routed message to its topic's handler; False if none."""
+        handler = self._routes.get(topic)
+        if handler is None:
+            return False
+        try:
+            handler(origin, data)
+        except Exception:  # a plugin's bug must not break the hub's reader
+            log.exception("route handler for %r failed", topic)
+        return True

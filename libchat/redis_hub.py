@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import json
 import logging
 import os
@@ -55,7 +56,7 @@ from typing import Any, Final
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .errors import ChatError, NameInUse
-from .hub import LocalHub, Member
+from .hub import LocalHub, Member, RouteHandler, drain_member, node_of
 from .protocol import encode_frame, fold
 
 try:
@@ -93,6 +94,13 @@ _CLUSTER_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _NODE_BYTES = 6  # a node id is 12 hex digits
 _ROOM: Final = b"r"
 _USER: Final = b"u"
+#: a frame for one connection (Hub.deliver_to): ack id (8 bytes, 0: no
+#: ack wanted), address length, address, frame
+_ADDRESS: Final = b"a"
+#: the answer to a deliver_to with drain: ack id, 1 (drained) or 0 (gone)
+_ACK: Final = b"k"
+#: a plugin's node-to-node message (Hub.send_route): topic length, topic, data
+_ROUTE: Final = b"t"
 
 
 class HubUnavailable(Exception):
@@ -416,7 +424,7 @@ class RedisHub:
         self.max_queue = max_queue
         self.node = secrets.token_hex(_NODE_BYTES)
         self.keys = Keys(cluster)
-        self.local = LocalHub()
+        self.local = LocalHub(node=self.node)
         self.stats = HubStats()
         self._redis_options = {
             # Reconnecting is this class's job, with its own backoff: redis-py
@@ -454,6 +462,9 @@ class RedisHub:
         self._wake: asyncio.Event | None = None
         self._sub_lock: asyncio.Lock | None = None
         self._connected: asyncio.Event | None = None
+        #: deliver_to calls with drain waiting for the target node's ack
+        self._acks: dict[int, asyncio.Future[bool]] = {}
+        self._ack_ids = itertools.count(1)
 
     @classmethod
     def from_url(cls, url: str, *, cluster: str = DEFAULT_CLUSTER) -> RedisHub:
@@ -597,6 +608,7 @@ class RedisHub:
         self._not_sent_before = self.stats.not_sent
         dropped = self._drop_queue()
         self._release_confirmations()
+        self._fail_acks()
         log.warning(
             "hub: lost Redis at %s while %s (%s); serving this node's %d connections alone, "
             "reconnecting; %d frames for other nodes dropped",
@@ -646,6 +658,7 @@ class RedisHub:
         pubsub, self._pubsub = self._pubsub, None
         client, self._client = self._client, None
         self._release_confirmations()
+        self._fail_acks()
         if pubsub is not None:
             with contextlib.suppress(Exception):  # closing a broken connection may fail too
                 await pubsub.aclose()
@@ -895,6 +908,41 @@ class RedisHub:
             if user is not None:
                 self.stats.received += 1
                 _deliver_all(user.members, data[14 + size :], None)
+        elif kind == _ADDRESS:
+            self._received_for_address(data)
+        elif kind == _ACK:
+            future = self._acks.pop(int.from_bytes(data[13:21], "big"), None)
+            if future is not None and not future.done():
+                future.set_result(data[21:22] == b"1")
+        elif kind == _ROUTE:
+            size = data[13]
+            self.stats.received += 1
+            self.local.routed(data[:12].decode(), data[14 : 14 + size].decode(), data[14 + size :])
+
+    def _received_for_address(self, data: bytes) -> None:
+        """A frame for one connection here; with an ack id, tell its origin
+        once the connection has drained (or that it is gone)."""
+        ack, size = int.from_bytes(data[13:21], "big"), data[21]
+        member = self.local.member_at(data[22 : 22 + size].decode())
+        delivered = member is not None and _deliver_all([member], data[22 + size :], None) == 1
+        if delivered:
+            self.stats.received += 1
+        if not ack:
+            return
+        origin = data[:12].decode()
+        if member is None or not delivered:
+            self._ack(origin, ack, False)
+            return
+        self._spawn(self._ack_when_drained(origin, ack, member), "libchat-hub-drain")
+
+    async def _ack_when_drained(self, origin: str, ack: int, member: Member) -> None:
+        self._ack(origin, ack, await drain_member(member))
+
+    def _ack(self, origin: str, ack: int, ok: bool) -> None:
+        if not self._up:
+            return  # lost with the connection; the origin's own bound ends its wait
+        payload = b"".join((self._origin, _ACK, ack.to_bytes(8, "big"), b"1" if ok else b"0"))
+        self._push(_Command(("PUBLISH", self.keys.inbox(origin), payload)))
 
     # -- subscriptions ------------------------------------------------------------------------
 
@@ -928,6 +976,14 @@ class RedisHub:
                 future.set_result(None)
             if not waiting:
                 del self._confirming[channel]
+
+    def _fail_acks(self) -> None:
+        """The connection is gone: an ack on its way is lost for good, so
+        every deliver_to waiting for one learns it failed, now."""
+        acks, self._acks = self._acks, {}
+        for future in acks.values():
+            if not future.done():
+                future.set_result(False)
 
     def _release_confirmations(self) -> None:
         """Nobody waits for a confirmation that will never come."""
@@ -1172,6 +1228,60 @@ class RedisHub:
 
     def local_members(self) -> Iterable[Member]:
         return self.local.local_members()
+
+    # -- routing to one connection, and between nodes -------------------------------------------
+
+    def address(self, member: Member) -> str:
+        return self.local.address(member)
+
+    async def deliver_to(self, address: str, data: bytes, *, drain: bool = False) -> bool:
+        """Deliver to one connection; on another node, through its inbox.
+        With ``drain``, that node acks once the connection has drained: the
+        call returns then (True), or False once the node is known gone or
+        unreachable. Pub/sub is at most once: an ack lost with a node that
+        died stays unanswered, so the caller bounds the wait."""
+        node = node_of(address)
+        if node == self.node:
+            return await self.local.deliver_to(address, data, drain=drain)
+        raw = address.encode()
+        if not self._up or len(raw) > 255:
+            return False
+        ack = next(self._ack_ids) if drain else 0
+        head = b"".join((self._origin, _ADDRESS, ack.to_bytes(8, "big"), bytes((len(raw),)), raw))
+        future: asyncio.Future[bool] | None = None
+        if drain:
+            future = self._acks[ack] = self._new_future()
+        try:
+            if not await self._publish_to(node, head + data):
+                return False
+            return True if future is None else await future
+        finally:
+            if future is not None:
+                self._acks.pop(ack, None)
+
+    async def _publish_to(self, node: str, payload: bytes) -> bool:
+        """PUBLISH on ``node``'s inbox; False if nobody listens there."""
+        try:
+            receivers = await self._call("PUBLISH", self.keys.inbox(node), payload)
+        except HubUnavailable:
+            self.stats.not_sent += 1
+            return False
+        self.stats.sent += 1
+        return bool(receivers)
+
+    def route(self, topic: str, handler: RouteHandler) -> None:
+        self.local.route(topic, handler)
+
+    async def send_route(self, node: str, topic: str, data: bytes) -> bool:
+        node = node_of(node)
+        if node == self.node:
+            return await self.local.send_route(node, topic, data)
+        raw = topic.encode()
+        if not self._up or len(raw) > 255:
+            return False
+        return await self._publish_to(
+            node, b"".join((self._origin, _ROUTE, bytes((len(raw),)), raw, data))
+        )
 
     # -- liveness -------------------------------------------------------------------------------
 

@@ -164,6 +164,11 @@ class Session:
         if "id" in request:
             self.send({"type": "ok", "id": request["id"], **fields})
 
+    async def drain(self) -> None:
+        """Wait until what is queued for this client has been sent
+        (backpressure for bulk data, such as relayed file chunks)."""
+        await self.conn.drain()
+
     async def throttle(self) -> None:
         """Wait as long as the message rate asks (plugins call it for their
         own frame types)."""

@@ -895,22 +895,43 @@ async def test_other_senders_to_a_stalled_recipient_are_not_blocked_for_ever(
 
 
 class ForwardingHub:
-    """Any hub that is not the in-process LocalHub (a RedisHub, say)."""
+    """A hub that is not the in-process LocalHub; with ``routing=False`` it
+    lacks the calls that reach one connection or another node (a
+    third-party hub written before them)."""
 
-    def __init__(self) -> None:
+    _ROUTING = ("node", "address", "deliver_to", "route", "send_route")
+
+    def __init__(self, *, routing: bool = True) -> None:
         self._hub = LocalHub()
+        self._routing = routing
 
     def __getattr__(self, name: str) -> Any:
+        if not self._routing and name in self._ROUTING:
+            raise AttributeError(name)
         return getattr(self._hub, name)
 
 
-async def test_the_files_plugin_refuses_to_start_on_a_distributed_hub() -> None:
-    server = libchat.Server("127.0.0.1", 0, plugins=["files"], hub=ForwardingHub())  # type: ignore[arg-type]
-    with pytest.raises(InvalidPlugin, match=r"does not work across several servers yet \(--hub\)"):
+async def test_the_files_plugin_refuses_a_hub_that_cannot_route() -> None:
+    server = libchat.Server("127.0.0.1", 0, plugins=["files"], hub=ForwardingHub(routing=False))  # type: ignore[arg-type]
+    with pytest.raises(InvalidPlugin, match=r"needs a hub that routes to one connection"):
         await server.start()
     assert server.sockets == []  # it never listened
-    async with running_server(plugins=["dm"], hub=ForwardingHub()) as other:
+    async with running_server(plugins=["dm"], hub=ForwardingHub(routing=False)) as other:
         assert other.port  # other plugins are not affected
+
+
+async def test_the_files_plugin_runs_on_any_hub_that_routes(tmp_path: Path) -> None:
+    async with running_server(plugins=["files"], hub=ForwardingHub()) as server:
+        alice = await sender(server, "alice")
+        bob = await receiver(server, "bob", tmp_path / "in")
+        src = tmp_path / "a.bin"
+        sha = make_file(src, 3 * CHUNK + 5)
+        outgoing = await asyncio.wait_for(files_of(alice).send("bob", src), WAIT)
+        assert outgoing.tid.startswith("local.")  # node.serial: unique across nodes
+        got = await result(bob)
+        assert got.state == "saved" and sha256_of(tmp_path / "in" / "a.bin") == sha
+        await alice.quit()
+        await bob.quit()
 
 
 # -- the receiver's limits (review finding 2) -----------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import importlib.util
 import os
 import re
@@ -653,3 +654,190 @@ def test_serve_hub_errors_are_one_line(redis_server: RedisProcess) -> None:
     assert nobody.returncode == 1
     assert "cannot reach the hub at redis://127.0.0.1" in nobody.stderr
     assert "Traceback" not in nobody.stderr
+
+
+# -- routing to one connection, and file transfers between nodes ---------------------------
+
+
+class DrainingMember(Collector):
+    """A member whose connection drains only when the test says so."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.draining = asyncio.Event()
+        self.drained = asyncio.Event()
+
+    async def drain(self) -> None:
+        self.draining.set()
+        await self.drained.wait()
+
+
+async def test_deliver_to_waits_for_the_other_nodes_connection_to_drain(
+    redis_server: RedisProcess, cluster: str
+) -> None:
+    hub_a, hub_b = make_hub(redis_server, cluster), make_hub(redis_server, cluster)
+    await hub_a.start()
+    await hub_b.start()
+    try:
+        bob = DrainingMember("bob")
+        await hub_b.attach(bob)
+        address = hub_b.address(bob)
+        assert address.startswith(hub_b.node + "/") and hub_b.address(bob) == address
+        frame = encode_frame({"type": "file.chunk"}, b"\x00\xff" * 100)
+        sending = asyncio.create_task(hub_a.deliver_to(address, frame, drain=True))
+        assert await bob.next() == frame
+        await asyncio.wait_for(bob.draining.wait(), WAIT)
+        # bob's node acks only after the drain: the sender is still held
+        assert not sending.done()
+        bob.drained.set()
+        assert await asyncio.wait_for(sending, WAIT) is True
+        assert await asyncio.wait_for(hub_a.deliver_to(address, b"x"), WAIT) is True
+        assert await bob.next() == b"x"
+        await hub_b.detach(bob)
+        # gone: bob's node answers no at once, with or without drain
+        assert await asyncio.wait_for(hub_a.deliver_to(address, b"y", drain=True), WAIT) is False
+        assert await hub_a.deliver_to("000000000000/1", b"y", drain=True) is False  # no node
+        assert hub_a._acks == {}  # nothing left waiting
+    finally:
+        await hub_a.close()
+        await hub_b.close()
+
+
+async def test_send_route_reaches_the_topic_handler_of_another_node(
+    redis_server: RedisProcess, cluster: str
+) -> None:
+    hub_a, hub_b = make_hub(redis_server, cluster), make_hub(redis_server, cluster)
+    await hub_a.start()
+    await hub_b.start()
+    got: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+    hub_b.route("t", lambda origin, data: got.put_nowait((origin, data)))
+    try:
+        assert await hub_a.send_route(hub_b.node, "t", b"\x00hi") is True
+        assert await asyncio.wait_for(got.get(), WAIT) == (hub_a.node, b"\x00hi")
+        assert await hub_a.send_route(hub_b.node + "/7", "t", b"by address") is True
+        assert await asyncio.wait_for(got.get(), WAIT) == (hub_a.node, b"by address")
+        assert await hub_a.send_route("000000000000", "t", b"x") is False  # nobody there
+        assert await hub_b.send_route(hub_b.node, "t", b"self") is True  # its own node
+        assert await asyncio.wait_for(got.get(), WAIT) == (hub_b.node, b"self")
+    finally:
+        await hub_a.close()
+        await hub_b.close()
+
+
+def file_of(path: Path, size: int) -> str:
+    data = os.urandom(size)
+    path.write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+async def test_a_file_crosses_nodes_verified_one_chunk_in_flight(
+    redis_server: RedisProcess, cluster: str, tmp_path: Path
+) -> None:
+    from libchat_files import files_of
+    from libchat_files.relay import CHUNK_SIZE
+
+    async with (
+        node(redis_server, cluster, plugins=["files"]) as a,
+        node(redis_server, cluster, plugins=["files"]) as b,
+    ):
+        # Count chunks in flight from a to b: each waits for b's drain.
+        in_flight, most = 0, 0
+        deliver_to = a.hub.deliver_to
+
+        async def counting(address: str, data: bytes, *, drain: bool = False) -> bool:
+            nonlocal in_flight, most
+            in_flight += drain
+            most = max(most, in_flight)
+            try:
+                return bool(await deliver_to(address, data, drain=drain))
+            finally:
+                in_flight -= drain
+
+        a.hub.deliver_to = counting
+        inbox = tmp_path / "in"
+        alice = await libchat.open_client("127.0.0.1", a.port, user="alice", plugins=["files"])
+        bob = await libchat.open_client(
+            "127.0.0.1", b.port, user="bob", plugins=["files"],
+            options={"accept_files": str(inbox)},
+        )  # fmt: skip
+        try:
+            src = tmp_path / "big.bin"
+            sha = file_of(src, 5 * CHUNK_SIZE + 123)
+            outgoing = await asyncio.wait_for(files_of(alice).send("bob", src), WAIT)
+            assert outgoing.tid.startswith(a.hub.node + ".")  # owned by the sender's node
+            got = await asyncio.wait_for(files_of(bob).results.get(), WAIT)
+            assert got.state == "saved" and got.path is not None
+            assert hashlib.sha256(got.path.read_bytes()).hexdigest() == sha
+            assert most == 1  # one chunk at a time: the sender waits for bob's drain
+            assert a.hub.stats.sent >= 6 and b.hub.stats.received >= 6
+        finally:
+            await alice.close()
+            await bob.close()
+
+
+async def test_a_file_offer_declined_on_another_node(
+    redis_server: RedisProcess, cluster: str, tmp_path: Path
+) -> None:
+    from libchat_files import Declined, TransferError, files_of
+
+    async with (
+        node(redis_server, cluster, plugins=["files"]) as a,
+        node(redis_server, cluster, plugins=["files"]) as b,
+    ):
+        alice = await libchat.open_client("127.0.0.1", a.port, user="alice", plugins=["files"])
+        bob = await libchat.open_client("127.0.0.1", b.port, user="bob", plugins=["files"])
+        try:
+            src = tmp_path / "f.bin"
+            file_of(src, 100)
+            sending = asyncio.create_task(files_of(alice).send("bob", src))
+            offer = await next_of(bob, libchat.Event, type="file.offer")
+            await files_of(bob).decline(offer.header["tid"], "not now")
+            with pytest.raises(Declined, match="bob declined the file: not now"):
+                await asyncio.wait_for(sending, WAIT)
+            with pytest.raises(TransferError):  # an answered offer cannot be accepted
+                await files_of(bob).accept(offer.header["tid"], tmp_path / "in")
+        finally:
+            await alice.close()
+            await bob.close()
+
+
+async def test_file_transfers_between_nodes_abort_from_either_side(
+    redis_server: RedisProcess, cluster: str
+) -> None:
+    # Raw frames: a transfer accepted on node b, owned by node a, then
+    # aborted by the recipient, by the sender, and by the recipient leaving.
+    data = b"chunk"
+    sha = hashlib.sha256(data * 2).hexdigest()
+    offer = {"type": "file.offer", "to": "bob", "name": "x", "size": 10, "sha256": sha}
+
+    async def accepted(alice: libchat.Client, bob: libchat.Client) -> str:
+        tid = str((await alice.request(offer))["tid"])
+        assert (await next_of(bob, libchat.Event, type="file.offer")).header["tid"] == tid
+        await bob.request({"type": "file.accept", "tid": tid, "offset": 0})
+        accept = await next_of(alice, libchat.Event, type="file.accept")
+        assert accept.header == {"type": "file.accept", "tid": tid, "offset": 0}
+        await alice.send_frame({"type": "file.chunk", "tid": tid, "offset": 0}, data)
+        chunk = await next_of(bob, libchat.Event, type="file.chunk")
+        assert chunk.header["tid"] == tid and chunk.body == data
+        return tid
+
+    async with (
+        node(redis_server, cluster, plugins=["files"]) as a,
+        node(redis_server, cluster, plugins=["files"]) as b,
+        clients((a, "alice"), (b, "bob")) as (alice, bob),
+    ):
+        tid = await accepted(alice, bob)
+        await bob.send_frame({"type": "file.abort", "tid": tid, "reason": "no room"})
+        abort = await next_of(alice, libchat.Event, type="file.abort")
+        assert abort.header == {"type": "file.abort", "tid": tid, "reason": "no room"}
+        tid = await accepted(alice, bob)
+        await alice.send_frame({"type": "file.abort", "tid": tid, "reason": "changed my mind"})
+        abort = await next_of(bob, libchat.Event, type="file.abort")
+        assert abort.header["reason"] == "changed my mind"
+        # b forgot it before passing the abort on: a result now is refused
+        with pytest.raises(RemoteError, match="no transfer waiting"):
+            await bob.request({"type": "file.result", "tid": tid, "ok": True})
+        tid = await accepted(alice, bob)
+        await bob.close()
+        abort = await next_of(alice, libchat.Event, type="file.abort")
+        assert abort.header == {"type": "file.abort", "tid": tid, "reason": "bob disconnected"}

@@ -84,7 +84,7 @@ def relay_of(server: Server) -> Relay:
 @hookimpl
 def libchat_startup(server: Server) -> None:
     # Refuse what cannot work, and read the configuration, now: a bad
-    # max_file_size or a distributed hub stops the server before it
+    # max_file_size or a hub that cannot route stops the server before it
     # listens, not at the first offer.
     check_hub(server)
     relay_of(server)

@@ -16,9 +16,17 @@ frames (keepalive would take it for dead) and hold the recipient's lock
 against every other sender.
 
 Once a recipient connection has answered, the transfer is bound to that
-session: chunks go to that connection, in this process. The plugin
-therefore refuses to start on a distributed hub (``chat serve --hub``); see
-:func:`check_hub`.
+connection. Across several servers (``chat serve --hub``) the transfer
+lives on the *sender's* node (its id, ``node.n``, says which); the
+recipient's node forwards the recipient's answers, results and aborts to
+it (:meth:`Hub.send_route`), and chunks go to the recipient's connection
+through :meth:`Hub.deliver_to` with ``drain``: the sender's node waits for
+the recipient's node to say that connection drained, one chunk in flight
+per transfer, so the backpressure holds end to end. Redis pub/sub delivers
+at most once: a chunk or acknowledgement lost between nodes ends in the
+stall timeout (the transfer is aborted), and a lost chunk that the stall
+does not catch is caught by the recipient's SHA-256 check. See
+docs/files.md.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import itertools
+import json
 import logging
 import re
 from collections import deque
@@ -34,7 +43,6 @@ from typing import Any, Final
 
 from libchat import Server, Session
 from libchat.errors import BadRequest, ConnectionClosed, NotFound, RateLimited
-from libchat.hub import LocalHub
 from libchat.plugins import InvalidPlugin
 from libchat.protocol import Frame, check_nick, encode_frame, fold
 
@@ -79,7 +87,10 @@ class Transfer:
     size: int
     sha256: str
     stage: Stage = Stage.OFFERED
+    #: the recipient connection, once it accepted: its session if it is on
+    #: this node, else its address on another node (``hub.address``)
     receiver: Session | None = None
+    remote: str | None = None
     #: the next byte the sender must send
     offset: int = 0
 
@@ -122,14 +133,21 @@ def _config_seconds(server: Server, key: str, default: float) -> float:
     return float(value)
 
 
+#: What a hub needs for transfers between its nodes.
+_ROUTING: Final = ("node", "address", "deliver_to", "route", "send_route")
+#: The topic of the relays' node-to-node messages.
+TOPIC: Final = "files"
+
+
 def check_hub(server: Server) -> None:
-    """Refuse to run on a distributed hub: chunks go to the accepting
-    connection in this process and transfer ids are per process, so an
-    offer to a user on another server could be accepted but never served."""
-    if not isinstance(server.hub, LocalHub):
+    """Refuse to run on a hub that cannot route to one connection or
+    between nodes (a third-party hub older than that part of the Hub
+    protocol): an offer could be accepted but never served."""
+    missing = [name for name in _ROUTING if not hasattr(server.hub, name)]
+    if missing:
         raise InvalidPlugin(
-            "the files plugin does not work across several servers yet (--hub); "
-            "run it on a single server"
+            f"the files plugin needs a hub that routes to one connection "
+            f"(missing: {', '.join(missing)})"
         )
 
 
@@ -177,8 +195,14 @@ class Relay:
         self.max_transfers = _config_int(server, "max_file_transfers", DEFAULT_MAX_TRANSFERS)
         self.stall_timeout = stall_timeout(server)
         self.transfers: dict[str, Transfer] = {}
+        #: transfers owned by another node that a session here accepted:
+        #: tid -> (that session, its address)
+        self.remote: dict[str, tuple[Session, str]] = {}
+        self.node: str = getattr(server.hub, "node", "local")
         self._ids = itertools.count(1)
         self._background: set[asyncio.Future[Any]] = set()
+        if hasattr(server.hub, "route"):
+            server.hub.route(TOPIC, self.on_route)
 
     def limits(self) -> dict[str, Any]:
         return {
@@ -213,7 +237,8 @@ class Relay:
             raise BadRequest("you cannot send a file to yourself")
         if len(_files(session).tids) >= self.max_transfers:
             raise RateLimited(f"you have {self.max_transfers} transfers going, the limit")
-        transfer = Transfer(str(next(self._ids)), session, recipient, name, size, sha256)
+        tid = f"{self.node}.{next(self._ids)}"  # unique across the nodes of a hub
+        transfer = Transfer(tid, session, recipient, name, size, sha256)
         offer = {
             "type": "file.offer",
             "tid": transfer.tid,
@@ -256,8 +281,17 @@ class Relay:
             raise NotFound("no such file offer (answered, withdrawn or never made)")
         return transfer
 
+    def _owner(self, tid: str) -> str | None:
+        """The node owning ``tid`` if it is another node, else None."""
+        node = tid.rpartition(".")[0]
+        return node if node and node != self.node else None
+
     async def on_accept(self, session: Session, frame: Frame) -> None:
         await session.throttle()
+        owner = self._owner(_tid(frame.header))
+        if owner is not None:
+            await self._accept_remote(session, frame.header, owner)
+            return
         transfer = self._offered_to(session, frame.header)
         offset = _offset(frame.header, transfer.size)
         transfer.stage = Stage.ACCEPTED
@@ -269,6 +303,13 @@ class Relay:
 
     async def on_decline(self, session: Session, frame: Frame) -> None:
         await session.throttle()
+        tid = _tid(frame.header)
+        owner = self._owner(tid)
+        if owner is not None:
+            reason = _reason(frame.header, "declined")
+            await self._forward(owner, "decline", tid, session, reason=reason)
+            session.reply(frame.header, tid=tid)
+            return
         transfer = self._offered_to(session, frame.header)
         reason = _reason(frame.header, "declined")
         self._end(transfer)
@@ -309,6 +350,9 @@ class Relay:
         if transfer.offset + len(data) > transfer.size:
             self.abort(transfer, "more bytes than declared")
             return
+        if transfer.remote is not None:
+            await self._relay_remote(transfer, transfer.remote, offset, data)
+            return
         receiver = transfer.receiver
         assert receiver is not None
         # One deadline for the lock and the drain: this sender's frames are
@@ -336,6 +380,25 @@ class Relay:
             except ConnectionClosed:
                 self.abort(transfer, f"{receiver.name} disconnected")
 
+    async def _relay_remote(self, transfer: Transfer, to: str, offset: int, data: bytes) -> None:
+        """A chunk for a connection on another node: returns once that node
+        says the connection drained it (the backpressure), or aborts."""
+        frame = encode_frame({"type": "file.chunk", "tid": transfer.tid, "offset": offset}, data)
+        transfer.offset += len(data)
+        # Always bounded here: an ack lost between nodes must not hold the
+        # sender's session for ever, whatever the configuration says.
+        timeout = self.stall_timeout or DEFAULT_STALL_TIMEOUT
+        try:
+            async with asyncio.timeout(timeout):
+                delivered = await self.server.hub.deliver_to(to, frame, drain=True)
+        except TimeoutError:
+            self.abort(
+                transfer, f"{transfer.to} stopped receiving: nothing taken for {timeout:g} s"
+            )
+            return
+        if not delivered:
+            self.abort(transfer, f"{transfer.to} disconnected")
+
     async def on_done(self, session: Session, frame: Frame) -> None:
         transfer = self._sending(session, frame.header)
         if transfer is None:
@@ -344,14 +407,30 @@ class Relay:
             self.abort(transfer, f"incomplete: {transfer.offset} of {transfer.size} bytes sent")
             return
         transfer.stage = Stage.DONE
+        done = {"type": "file.done", "tid": transfer.tid}
+        if transfer.remote is not None:
+            if not await self.server.hub.deliver_to(transfer.remote, encode_frame(done)):
+                self.abort(transfer, f"{transfer.to} disconnected")
+            return
         assert transfer.receiver is not None
-        transfer.receiver.send({"type": "file.done", "tid": transfer.tid})
+        transfer.receiver.send(done)
 
     async def on_result(self, session: Session, frame: Frame) -> None:
         header = frame.header
-        transfer = self.transfers.get(_tid(header))
+        tid = _tid(header)
+        if tid in self.remote and self.remote[tid][0] is session:
+            self._forget_remote(tid)
+            fields = {"ok": header.get("ok") is True, "error": header.get("error")}
+            fields["code"] = header.get("code")
+            await self._forward(tid.rpartition(".")[0], "result", tid, session, **fields)
+            return
+        transfer = self.transfers.get(tid)
         if transfer is None or transfer.receiver is not session or transfer.stage is not Stage.DONE:
             raise NotFound("no transfer waiting for a result", tid=header.get("tid"))
+        self._finish(transfer, header)
+
+    def _finish(self, transfer: Transfer, header: dict[str, Any]) -> None:
+        """The recipient's verdict, passed on to the sender."""
         ok = header.get("ok") is True
         result: dict[str, Any] = {"type": "file.result", "tid": transfer.tid, "ok": ok}
         if not ok:
@@ -365,6 +444,11 @@ class Relay:
     async def on_abort(self, session: Session, frame: Frame) -> None:
         header = frame.header
         tid = _tid(header)
+        if tid in self.remote and self.remote[tid][0] is session:
+            self._forget_remote(tid)
+            reason = _reason(header, "cancelled")
+            await self._forward(tid.rpartition(".")[0], "abort", tid, session, reason=reason)
+            return
         transfer = self.transfers.get(tid)
         if transfer is None or session not in (transfer.sender, transfer.receiver):
             if tid in _files(session).ended:
@@ -374,8 +458,9 @@ class Relay:
 
     # -- ending -----------------------------------------------------------------------
 
-    def abort(self, transfer: Transfer, reason: str, *, by: Session | None = None) -> None:
-        """End ``transfer`` and tell both sides (but ``by``) why."""
+    def abort(self, transfer: Transfer, reason: str, *, by: Session | str | None = None) -> None:
+        """End ``transfer`` and tell both sides (but ``by``: a session, or
+        the address of a recipient on another node) why."""
         if transfer.tid not in self.transfers:
             return
         self._end(transfer)
@@ -383,7 +468,10 @@ class Relay:
         notice = encode_frame({"type": "file.abort", "tid": transfer.tid, "reason": reason})
         if transfer.sender is not by:
             transfer.sender.deliver(notice)
-        if transfer.receiver is not None:
+        if transfer.remote is not None:
+            if transfer.remote != by:
+                self._spawn(self.server.hub.deliver_to(transfer.remote, notice))
+        elif transfer.receiver is not None:
             if transfer.receiver is not by:
                 transfer.receiver.deliver(notice)
         else:  # still an offer: withdraw it from every connection of the recipient
@@ -392,6 +480,12 @@ class Relay:
     async def session_closed(self, session: Session) -> None:
         """Abort every transfer of a session that ended."""
         for tid in list(_files(session).tids):
+            if tid in self.remote:
+                address = self.remote[tid][1]
+                self._forget_remote(tid)
+                reason = f"{session.name} disconnected"
+                await self._forward(tid.rpartition(".")[0], "abort", tid, address, reason=reason)
+                continue
             transfer = self.transfers.get(tid)
             if transfer is not None:
                 self.abort(transfer, f"{session.name} disconnected", by=session)
@@ -407,6 +501,109 @@ class Relay:
                 files = _files(session)
                 files.tids.discard(transfer.tid)
                 files.ended.append(transfer.tid)
+        if transfer.remote is not None:
+            # The recipient's node forgets it too (at most once: if this is
+            # lost, it forgets when the recipient's session ends).
+            message = json.dumps({"op": "ended", "tid": transfer.tid}).encode()
+            self._spawn(self.server.hub.send_route(transfer.remote, TOPIC, message))
+
+    # -- between nodes: the recipient's node ------------------------------------------
+
+    async def _accept_remote(self, session: Session, header: dict[str, Any], owner: str) -> None:
+        """``session`` accepts a transfer owned by node ``owner``: pass it on.
+        The answer is "ok" at once; if the owner finds no such offer, a
+        file.abort follows (the owner checks, this node cannot)."""
+        tid = _tid(header)
+        offset = header.get("offset")
+        if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+            raise BadRequest("'offset' must be a whole number >= 0")
+        if tid in self.remote:
+            raise NotFound("no such file offer (answered, withdrawn or never made)")
+        address = self.server.hub.address(session)
+        self.remote[tid] = (session, address)
+        _files(session).tids.add(tid)
+        if not await self._forward(owner, "accept", tid, session, offset=offset):
+            self._forget_remote(tid)
+            raise NotFound("no such file offer (its sender's server is gone)")
+        session.reply(header, tid=tid, offset=offset)
+
+    async def _forward(
+        self, owner: str, op: str, tid: str, who: Session | str, **fields: Any
+    ) -> bool:
+        """Send one of the recipient's answers to the transfer's node."""
+        address = who if isinstance(who, str) else self.server.hub.address(who)
+        user = who.name if isinstance(who, Session) else ""
+        message = {"op": op, "tid": tid, "user": user, "address": address, **fields}
+        return await self.server.hub.send_route(owner, TOPIC, json.dumps(message).encode())
+
+    def _forget_remote(self, tid: str) -> None:
+        entry = self.remote.pop(tid, None)
+        if entry is not None:
+            files = _files(entry[0])
+            files.tids.discard(tid)
+            files.ended.append(tid)
+
+    # -- between nodes: the sender's node ---------------------------------------------
+
+    def on_route(self, origin: str, data: bytes) -> None:
+        """A message from another node's relay about a transfer (the hub's
+        reader calls this: it must not block)."""
+        try:
+            message = json.loads(data)
+            op, tid = str(message["op"]), str(message["tid"])
+            address = str(message.get("address", ""))
+        except (ValueError, KeyError, TypeError):
+            log.warning("files: a malformed message from node %s", origin)
+            return
+        if op == "ended":
+            self._forget_remote(tid)
+            return
+        transfer = self.transfers.get(tid)
+        if op == "accept":
+            self._remote_accept(transfer, tid, message, address)
+        elif op == "decline":
+            if transfer is not None and self._offered_to_user(transfer, message):
+                self._end(transfer)
+                reason = _reason(message, "declined")
+                transfer.sender.send({"type": "file.decline", "tid": tid, "reason": reason})
+        elif transfer is None or transfer.remote != address:
+            return  # ended meanwhile: nothing to do
+        elif op == "result" and transfer.stage is Stage.DONE:
+            self._finish(transfer, message)
+        elif op == "abort":
+            self.abort(transfer, _reason(message, "cancelled"), by=address)
+
+    def _offered_to_user(self, transfer: Transfer, message: dict[str, Any]) -> bool:
+        user = message.get("user")
+        return (
+            transfer.stage is Stage.OFFERED
+            and isinstance(user, str)
+            and fold(transfer.to) == fold(user)
+        )
+
+    def _remote_accept(
+        self, transfer: Transfer | None, tid: str, message: dict[str, Any], address: str
+    ) -> None:
+        offset = message.get("offset")
+        if (
+            transfer is None
+            or not self._offered_to_user(transfer, message)
+            or not isinstance(offset, int)
+            or not 0 <= offset <= transfer.size
+            or not address
+        ):
+            if not address:
+                return
+            why = "no such file offer (answered, withdrawn or never made)"
+            notice = encode_frame({"type": "file.abort", "tid": tid, "reason": why})
+            self._spawn(self.server.hub.deliver_to(address, notice))
+            ended = json.dumps({"op": "ended", "tid": tid}).encode()
+            self._spawn(self.server.hub.send_route(address, TOPIC, ended))
+            return
+        transfer.stage = Stage.ACCEPTED
+        transfer.remote = address
+        transfer.offset = offset
+        transfer.sender.send({"type": "file.accept", "tid": tid, "offset": offset})
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)

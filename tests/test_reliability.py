@@ -1216,7 +1216,8 @@ async def test_a_flood_of_tiny_frames_costs_its_bytes_not_a_frame_object_each() 
         # ~90,000 frames in 2 MiB: decoded at once they cost some 30 MB.
         assert held < 4 << 20, f"{held} bytes held for a 2 MiB flood"
         assert READ_AHEAD <= conn.backlog() <= READ_AHEAD + READ_SIZE
-        await still_chatting(alice, await connect(server, "bob"))
+        bob = await connect(server, "bob")
+        await still_chatting(alice, bob)
         gate.open.set()
         # Everything is handled, in order, once the handler lets go.
         await wait_until(lambda: pongs == count)
@@ -1224,6 +1225,7 @@ async def test_a_flood_of_tiny_frames_costs_its_bytes_not_a_frame_object_each() 
         await raw.writer.drain()
         await raw.close()
         await alice.quit()
+        await bob.quit()
 
 
 # -- 20. replies that would not fit, and the room limit --------------------------------------

@@ -218,17 +218,19 @@ class BaseConnection:
     def send(self, header: dict[str, Any], body: bytes = b"") -> None:
         self.send_bytes(encode_frame(header, body))
 
-    def send_bytes(self, data: bytes) -> None:
+    def send_bytes(self, data: bytes) -> bool:
         """Queue encoded frame bytes; they leave at the end of this loop
         iteration together with anything else queued meanwhile. Never blocks.
 
         Once more than ``max_send_queue`` bytes wait for the peer, the next
         frame aborts the connection instead ("send queue exceeded"): no more
         than the limit plus one frame ever waits, and a peer that keeps up is
-        never dropped for one frame larger than the limit."""
+        never dropped for one frame larger than the limit. Returns whether
+        the frame was queued (False: the connection is closed, or this frame
+        closed it)."""
         # The hot path of every broadcast: one call per member per message.
         if self.closed:
-            return
+            return False
         waiting = self._pending_size + self._buffered
         limit = self.max_send_queue
         if limit and waiting > limit:
@@ -237,7 +239,7 @@ class BaseConnection:
             waiting = self._pending_size + self._buffered
             if waiting > limit:
                 self.abort("send queue exceeded")
-                return
+                return False
         pending = self._pending
         if not pending:
             self._flusher.add(self)
@@ -245,6 +247,7 @@ class BaseConnection:
         self._pending_size += len(data)
         if self._pending_size + self._buffered > self.peak_queued:
             self._new_peak()
+        return True
 
     def _new_peak(self) -> None:
         """Record a new high of bytes waiting, measured, not estimated (rare:

@@ -26,8 +26,9 @@ class Member(Protocol):
 
     name: str
 
-    def deliver(self, data: bytes) -> None:
-        """Queue encoded frame bytes for this member (never blocks)."""
+    def deliver(self, data: bytes) -> bool | None:
+        """Queue encoded frame bytes for this member (never blocks). False:
+        not queued, the connection is closed."""
 
 
 #: What a plugin registers with :meth:`Hub.route`: called with the sending
@@ -127,14 +128,15 @@ class Hub(Protocol):
 
 
 def _deliver(member: Member, data: bytes) -> int:
-    """Queue ``data`` for one member; a member that fails is logged and
-    skipped, so one broken connection never costs the others a message."""
+    """Queue ``data`` for one member; 1 if it was queued. A member whose
+    connection is closed (``deliver`` returns False) counts 0; one that fails
+    is logged and skipped, so one broken connection never costs the others a
+    message."""
     try:
-        member.deliver(data)
+        return 0 if member.deliver(data) is False else 1
     except Exception:
         log.exception("delivery to %r failed", member)
         return 0
-    return 1
 
 
 class _Room:

@@ -124,7 +124,7 @@ class Session:
     #: Queue encoded frame bytes for this client (the Hub calls this once per
     #: member per broadcast): the connection's own method, bound per instance
     #: to save a call on the hot path.
-    deliver: Callable[[bytes], None]
+    deliver: Callable[[bytes], bool]
 
     def __init__(self, server: Server, conn: ServerConnection) -> None:
         self.server = server

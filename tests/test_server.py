@@ -447,3 +447,21 @@ def test_the_server_gives_its_room_limit_to_the_hub() -> None:
     own = LocalHub(max_rooms=3)
     libchat.Server(limits=limits, hub=own)
     assert own.max_rooms == 3
+
+
+async def test_send_to_user_counts_only_connections_that_took_the_frame(
+    server: libchat.Server,
+) -> None:
+    from libchat.protocol import encode_frame
+
+    alice = await connect(server, "alice")
+    bob = await connect(server, "bob")
+    data = encode_frame({"type": "notice", "text": "hi"})
+    assert await server.hub.send_to_user("bob", data) == 1
+    session = next(s for s in server.sessions if s.name == "bob")
+    session.conn.abort("cut off by the test")
+    # Not detached yet (its cleanup runs later), but its connection is gone:
+    assert await server.hub.online("bob") == "bob"
+    assert await server.hub.send_to_user("bob", data) == 0
+    await alice.quit()
+    await bob.close()

@@ -68,6 +68,9 @@ class Client:
         self.pm = make_plugin_manager(plugins)
         #: settings for client-side plugins (``accept_files``...)
         self.options: dict[str, Any] = dict(options or {})
+        #: scratch space for client-side plugins, keyed by plugin name; it
+        #: lives and dies with the client
+        self.data: dict[str, Any] = {}
         self.receive_events = receive_events
         self.request_timeout = request_timeout
         self.close_reason = ""

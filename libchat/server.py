@@ -80,6 +80,9 @@ class Server:
         _limit_rooms(self.hub, self.limits.max_rooms)
         #: settings for plugins (``db``, ``allow_register``...), from the CLI
         self.config: dict[str, Any] = dict(config or {})
+        #: scratch space for plugins' per-server state, keyed by plugin name;
+        #: it lives and dies with the server
+        self.data: dict[str, Any] = {}
         self.pm = make_plugin_manager(plugins)
         self.handlers: dict[str, FrameHandler] = {}
         self.commands: dict[str, Command] = {}

@@ -51,6 +51,7 @@ from libchat_files import (
     NotOnline,
     TransferError,
     files_of,
+    relay_of,
     safe_filename,
 )
 from libchat_files import transfers as transfers_module
@@ -1570,3 +1571,20 @@ async def test_sigterm_lets_a_transfer_in_progress_finish(tmp_path: Path) -> Non
             await alice.quit()
         finally:
             bob.kill()
+
+
+async def test_file_state_goes_with_its_client_and_server() -> None:
+    import gc
+    import weakref
+
+    async with files_server() as server:
+        relay = weakref.ref(relay_of(server))
+        bob = await connect(server, "bob", plugins=["files"])
+        transfers = weakref.ref(files_of(bob))
+        await bob.quit()
+        del bob
+        gc.collect()
+        assert transfers() is None  # the client's transfers went with it
+    del server
+    gc.collect()
+    assert relay() is None

@@ -22,7 +22,6 @@ Library use::
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
@@ -67,14 +66,14 @@ __all__ = [
     "safe_filename",
 ]
 
-_RELAYS: weakref.WeakKeyDictionary[Server, Relay] = weakref.WeakKeyDictionary()
-
 
 def relay_of(server: Server) -> Relay:
-    """The server's relay (made on first use)."""
-    relay = _RELAYS.get(server)
+    """The server's relay (made on first use; kept in ``server.data``, so it
+    goes when the server goes)."""
+    relay = server.data.get(PLUGIN_NAME)
     if relay is None:
-        relay = _RELAYS[server] = Relay(server)
+        relay = server.data[PLUGIN_NAME] = Relay(server)
+    assert isinstance(relay, Relay)
     return relay
 
 
@@ -102,8 +101,8 @@ def libchat_limits(server: Server) -> dict[str, Any]:
 
 @hookimpl
 async def libchat_session_closed(session: Session, reason: str) -> None:
-    relay = _RELAYS.get(session.server)
-    if relay is not None:
+    relay = session.server.data.get(PLUGIN_NAME)
+    if isinstance(relay, Relay):
         await relay.session_closed(session)
 
 

@@ -26,7 +26,6 @@ import logging
 import re
 import sys
 import time
-import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,14 +116,13 @@ class Outgoing:
     inbox: asyncio.Queue[Event | None] = field(default_factory=asyncio.Queue, repr=False)
 
 
-_STATES: weakref.WeakKeyDictionary[Client, FileTransfers] = weakref.WeakKeyDictionary()
-
-
 def files_of(client: Client) -> FileTransfers:
-    """The file transfers of ``client`` (made on first use)."""
-    state = _STATES.get(client)
+    """The file transfers of ``client`` (made on first use; kept in
+    ``client.data``, so they go when the client goes)."""
+    state = client.data.get("files")
     if state is None:
-        state = _STATES[client] = FileTransfers(client)
+        state = client.data["files"] = FileTransfers(client)
+    assert isinstance(state, FileTransfers)
     return state
 
 

@@ -2,8 +2,8 @@
 
 Synchronous on purpose: the ``chat user`` commands call it directly, and the
 server calls it through :class:`AsyncUserStore`, which runs every call on one
-dedicated thread (SQLite never runs on the event loop, and one connection used
-by one thread needs no lock).
+dedicated thread, a :class:`libchat.sqlite.SQLiteWorker` (SQLite never runs on
+the event loop, and one connection used by one thread needs no lock).
 
 The file is created on first use (``create=False`` refuses a missing file
 instead: ``chat user list --db typo.db`` must not make an empty database).
@@ -15,21 +15,15 @@ a busy timeout makes the two wait for each other instead of failing.
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import sqlite3
 import time
 import urllib.parse
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 from libchat.errors import ChatError
 from libchat.protocol import fold
-
-T = TypeVar("T")
+from libchat.sqlite import SQLiteWorker
 
 #: The schema this code reads and writes (``PRAGMA user_version``).
 SCHEMA_VERSION = 1
@@ -181,44 +175,39 @@ def _connect(path: str, *, create: bool) -> sqlite3.Connection:
 
 class AsyncUserStore:
     """A :class:`UserStore` used from asyncio: every call runs on one
-    dedicated thread, which owns the SQLite connection."""
+    dedicated thread (a :class:`~libchat.sqlite.SQLiteWorker`), which owns
+    the SQLite connection."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="libchat-auth-db")
-        self._store: UserStore | None = None
-
-    async def _run(self, func: Callable[..., T], *args: object) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(func, *args))
+        self._worker: SQLiteWorker[UserStore] | None = None
 
     @property
     def store(self) -> UserStore:
-        if self._store is None:
+        return self._open_worker().connection
+
+    def _open_worker(self) -> SQLiteWorker[UserStore]:
+        if self._worker is None:
             raise StoreError("the user database is not open")
-        return self._store
+        return self._worker
 
     async def open(self) -> None:
-        try:
-            self._store = await self._run(UserStore, self.path)
-        except BaseException:
-            self._executor.shutdown(wait=False)
-            raise
+        path = self.path
+        self._worker = await SQLiteWorker.open(lambda: UserStore(path), name="libchat-auth-db")
 
     async def get(self, name: str) -> Account | None:
-        return await self._run(self.store.get, name)
+        return await self._open_worker().call(UserStore.get, name)
 
     async def add(self, name: str, hashed: bytes) -> Account:
-        return await self._run(self.store.add, name, hashed)
+        return await self._open_worker().call(UserStore.add, name, hashed)
 
     async def costs(self) -> dict[int, int]:
-        return await self._run(self.store.costs)
+        return await self._open_worker().call(UserStore.costs)
 
     async def replace_hash(self, name: str, old: bytes, new: bytes) -> bool:
-        return await self._run(self.store.replace_hash, name, old, new)
+        return await self._open_worker().call(UserStore.replace_hash, name, old, new)
 
     async def close(self) -> None:
-        if self._store is not None:
-            store, self._store = self._store, None
-            await self._run(store.close)
-        self._executor.shutdown(wait=False)
+        if self._worker is not None:
+            worker, self._worker = self._worker, None
+            await worker.close()

@@ -2,24 +2,24 @@
 
 One SQLite table in the server's ``--db`` file, beside whatever other
 plugins keep there. Every call runs on a single worker thread that the store
-owns: the event loop never touches SQLite, and one thread runs the calls one
-at a time, in the order they were made, so stored messages keep their order.
-Taking is one write transaction, so a message is taken by exactly one login
-(even with several servers sharing the file). What was taken but could not
-be delivered is put back in its place (:meth:`PendingStore.restore`): a
-message leaves the store for good only once it has been handed over.
+owns (a :class:`libchat.sqlite.SQLiteWorker`): the event loop never touches
+SQLite, and one thread runs the calls one at a time, in the order they were
+made, so stored messages keep their order. Taking is one write transaction,
+so a message is taken by exactly one login (even with several servers
+sharing the file). What was taken but could not be delivered is put back in
+its place (:meth:`PendingStore.restore`): a message leaves the store for
+good only once it has been handed over.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import sqlite3
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
+
+from libchat.sqlite import SQLiteWorker
 
 T = TypeVar("T")
 
@@ -43,45 +43,39 @@ class Pending:
 
 class PendingStore:
     """Private messages for offline users, oldest first. Open with
-    :meth:`open`; every method is a coroutine that runs SQLite off the loop."""
+    :meth:`open`; every method is a coroutine that runs SQLite off the loop,
+    on the store's :class:`~libchat.sqlite.SQLiteWorker`."""
 
     def __init__(self, path: str, *, max_per_user: int) -> None:
         self.path = path
         self.max_per_user = max_per_user
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="libchat-dm-store")
-        self._db: sqlite3.Connection | None = None
+        self._worker: SQLiteWorker[sqlite3.Connection] | None = None
 
     @classmethod
     async def open(cls, path: str, *, max_per_user: int = 100) -> PendingStore:
         store = cls(path, max_per_user=max_per_user)
-        try:
-            await store._run(store._connect)
-        except BaseException:
-            store._executor.shutdown(wait=False)
-            raise
+        store._worker = await SQLiteWorker.open(store._connect, name="libchat-dm-store")
         return store
 
     async def _run(self, func: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, func, *args)
-
-    # -- the calls (each runs on the store's thread) ----------------------------------
-
-    def _connect(self) -> None:
-        # Made on the worker thread, used only there: sqlite3's same-thread
-        # check holds.
-        db = sqlite3.connect(self.path)
-        db.executescript(_SCHEMA)
-        self._db = db
-
-    def _conn(self) -> sqlite3.Connection:
-        if self._db is None:
+        if self._worker is None:
             raise RuntimeError("the dm store is closed")
-        return self._db
+        return await self._worker.call(func, *args)
 
-    def _put(self, recipient: str, header: dict[str, Any]) -> bool:
-        db = self._conn()
+    # -- the calls (each runs on the store's thread, given its connection) -------------
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path)
+        try:
+            db.executescript(_SCHEMA)
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _put(self, db: sqlite3.Connection, recipient: str, header: dict[str, Any]) -> bool:
         with db:
-            if self._count(recipient) >= self.max_per_user:
+            if self._count(db, recipient) >= self.max_per_user:
                 return False
             db.execute(
                 "INSERT INTO dm_pending (recipient, header) VALUES (?, ?)",
@@ -89,8 +83,8 @@ class PendingStore:
             )
         return True
 
-    def _take(self, recipient: str) -> list[Pending]:
-        db = self._conn()
+    @staticmethod
+    def _take(db: sqlite3.Connection, recipient: str) -> list[Pending]:
         # IMMEDIATE: the read and the delete are one write transaction, so
         # another process sharing the file cannot take the same rows.
         db.execute("BEGIN IMMEDIATE")
@@ -109,8 +103,8 @@ class PendingStore:
             raise
         return [Pending(row_id, json.loads(header)) for row_id, header in rows]
 
-    def _restore(self, recipient: str, rows: Sequence[Pending]) -> None:
-        db = self._conn()
+    @staticmethod
+    def _restore(db: sqlite3.Connection, recipient: str, rows: Sequence[Pending]) -> None:
         with db:
             # The original ids: the messages go back in their place, before
             # any stored since (ids only grow), and the order holds.
@@ -119,15 +113,11 @@ class PendingStore:
                 [(row.id, recipient, json.dumps(row.header, ensure_ascii=False)) for row in rows],
             )
 
-    def _count(self, recipient: str) -> int:
+    @staticmethod
+    def _count(db: sqlite3.Connection, recipient: str) -> int:
         query = "SELECT COUNT(*) FROM dm_pending WHERE recipient = ?"
-        (count,) = self._conn().execute(query, (recipient,)).fetchone()
+        (count,) = db.execute(query, (recipient,)).fetchone()
         return int(count)
-
-    def _close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
 
     # -- the async API ----------------------------------------------------------------
 
@@ -154,7 +144,5 @@ class PendingStore:
 
     async def close(self) -> None:
         """Close the database and stop the worker thread. Idempotent."""
-        # RuntimeError: the executor was already shut down (closed before)
-        with contextlib.suppress(RuntimeError):
-            await self._run(self._close)
-        self._executor.shutdown(wait=False)
+        if self._worker is not None:
+            await self._worker.close()

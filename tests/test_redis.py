@@ -138,6 +138,21 @@ def make_hub(redis_server: RedisProcess, cluster: str) -> Any:
 
 
 @contextlib.asynccontextmanager
+async def two_hubs(redis_server: RedisProcess, cluster: str) -> AsyncIterator[tuple[Any, Any]]:
+    """Two started hubs on ``redis_server`` (two nodes of ``cluster``), closed afterwards."""
+    hub_a, hub_b = make_hub(redis_server, cluster), make_hub(redis_server, cluster)
+    await hub_a.start()
+    try:
+        await hub_b.start()
+        try:
+            yield hub_a, hub_b
+        finally:
+            await hub_b.close()
+    finally:
+        await hub_a.close()
+
+
+@contextlib.asynccontextmanager
 async def node(redis_server: RedisProcess, cluster: str, **kwargs: Any) -> AsyncIterator[Any]:
     """An in-process server whose hub is on ``redis_server``."""
     async with running_server(hub=make_hub(redis_server, cluster), **kwargs) as server:
@@ -233,10 +248,7 @@ def _pending(client: libchat.Client) -> list[libchat.Event]:
 async def test_frames_cross_nodes_byte_for_byte(redis_server: RedisProcess, cluster: str) -> None:
     # The hub carries frames as they are: any bytes at all (here every byte
     # value, and a frame's raw binary body) reach the other node unchanged.
-    hub_a, hub_b = make_hub(redis_server, cluster), make_hub(redis_server, cluster)
-    await hub_a.start()
-    await hub_b.start()
-    try:
+    async with two_hubs(redis_server, cluster) as (hub_a, hub_b):
         alice, bob = Collector("alice"), Collector("bob")
         await hub_a.attach(alice)
         await hub_b.attach(bob)
@@ -251,9 +263,6 @@ async def test_frames_cross_nodes_byte_for_byte(redis_server: RedisProcess, clus
         assert await hub_b.members("room") == ["alice", "bob"]
         assert await hub_a.send_to_user("BOB", b"\x00direct\xff") == 1
         assert await bob.next() == b"\x00direct\xff"
-    finally:
-        await hub_a.close()
-        await hub_b.close()
 
 
 async def test_who_and_rooms_list_the_members_of_every_node(
@@ -303,10 +312,7 @@ async def test_an_account_may_be_on_several_nodes(redis_server: RedisProcess, cl
     # devices, on any nodes; an unauthenticated one cannot take the name.
     from libchat.errors import NameInUse
 
-    hub_a, hub_b = make_hub(redis_server, cluster), make_hub(redis_server, cluster)
-    await hub_a.start()
-    await hub_b.start()
-    try:
+    async with two_hubs(redis_server, cluster) as (hub_a, hub_b):
         ann_a, ann_b, ann_b2 = Collector("ann"), Collector("Ann"), Collector("ann")
         await hub_a.attach(ann_a, shared=True)
         await hub_b.attach(ann_b, shared=True)
@@ -322,9 +328,6 @@ async def test_an_account_may_be_on_several_nodes(redis_server: RedisProcess, cl
         assert await hub_a.send_to_user("ann", b"again") == 2
         assert await ann_a.next() == b"again"
         assert await ann_b2.next() == b"again"
-    finally:
-        await hub_a.close()
-        await hub_b.close()
 
 
 async def test_user_data_is_shared_while_the_user_is_online(
@@ -332,10 +335,7 @@ async def test_user_data_is_shared_while_the_user_is_online(
 ) -> None:
     # What the dm plugin needs for /reply across nodes: alice's node notes
     # on bob "alice wrote to you last"; bob's node reads it.
-    hub_a, hub_b = make_hub(redis_server, cluster), make_hub(redis_server, cluster)
-    await hub_a.start()
-    await hub_b.start()
-    try:
+    async with two_hubs(redis_server, cluster) as (hub_a, hub_b):
         bob = Collector("bob")
         assert not await hub_a.set_user_data("bob", "dm.last_from", "alice")  # offline
         await hub_b.attach(bob)
@@ -346,9 +346,6 @@ async def test_user_data_is_shared_while_the_user_is_online(
         assert await hub_a.user_data("bob", "dm.last_from") is None  # gone with him
         await hub_b.attach(bob)
         assert await hub_b.user_data("bob", "dm.last_from") is None
-    finally:
-        await hub_a.close()
-        await hub_b.close()
 
 
 async def presence_of(member: Collector, event: str) -> bytes:
@@ -675,10 +672,7 @@ class DrainingMember(Collector):
 async def test_deliver_to_waits_for_the_other_nodes_connection_to_drain(
     redis_server: RedisProcess, cluster: str
 ) -> None:
-    hub_a, hub_b = make_hub(redis_server, cluster), make_hub(redis_server, cluster)
-    await hub_a.start()
-    await hub_b.start()
-    try:
+    async with two_hubs(redis_server, cluster) as (hub_a, hub_b):
         bob = DrainingMember("bob")
         await hub_b.attach(bob)
         address = hub_b.address(bob)
@@ -698,20 +692,14 @@ async def test_deliver_to_waits_for_the_other_nodes_connection_to_drain(
         assert await asyncio.wait_for(hub_a.deliver_to(address, b"y", drain=True), WAIT) is False
         assert await hub_a.deliver_to("000000000000/1", b"y", drain=True) is False  # no node
         assert hub_a._acks == {}  # nothing left waiting
-    finally:
-        await hub_a.close()
-        await hub_b.close()
 
 
 async def test_send_route_reaches_the_topic_handler_of_another_node(
     redis_server: RedisProcess, cluster: str
 ) -> None:
-    hub_a, hub_b = make_hub(redis_server, cluster), make_hub(redis_server, cluster)
-    await hub_a.start()
-    await hub_b.start()
-    got: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
-    hub_b.route("t", lambda origin, data: got.put_nowait((origin, data)))
-    try:
+    async with two_hubs(redis_server, cluster) as (hub_a, hub_b):
+        got: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+        hub_b.route("t", lambda origin, data: got.put_nowait((origin, data)))
         assert await hub_a.send_route(hub_b.node, "t", b"\x00hi") is True
         assert await asyncio.wait_for(got.get(), WAIT) == (hub_a.node, b"\x00hi")
         assert await hub_a.send_route(hub_b.node + "/7", "t", b"by address") is True
@@ -719,9 +707,6 @@ async def test_send_route_reaches_the_topic_handler_of_another_node(
         assert await hub_a.send_route("000000000000", "t", b"x") is False  # nobody there
         assert await hub_b.send_route(hub_b.node, "t", b"self") is True  # its own node
         assert await asyncio.wait_for(got.get(), WAIT) == (hub_b.node, b"self")
-    finally:
-        await hub_a.close()
-        await hub_b.close()
 
 
 def file_of(path: Path, size: int) -> str:
